@@ -1,0 +1,59 @@
+"""pyvene ``BoundlessRotatedSpaceIntervention`` (Boundless DAS) with a stored source.
+
+``out = ((1 − m) ⊙ h R + m ⊙ s R) Rᵀ`` with the soft boundary mask over rotated coordinates
+``m_i = σ(i / T) · σ((clamp(β, 1e-3, 1)·d − i) / T)``. Parameters: ``rotate_layer`` R d×d
+(resolved), ``source`` s d, ``intervention_boundaries`` β [1], ``temperature`` T [] (scalar).
+
+Low-rank form, using R Rᵀ = I: ``delta = ((s − h) R ⊙ m) Rᵀ``, i.e. ``b = (s R) ⊙ m``,
+``P = R diag(m)``, ``U = R`` (rank d).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import LowRankEdit
+from .family import Family, expect_shape, f32
+
+
+@dataclass(frozen=True)
+class BoundlessRotatedSpaceSpec:
+    width: int
+
+
+def boundary_mask(params: dict[str, torch.Tensor], width: int) -> torch.Tensor:
+    """pyvene's ``sigmoid_boundary`` mask over the ``width`` rotated coordinates."""
+    population = torch.arange(0, width)
+    temperature = params["temperature"]
+    boundaries = torch.clamp(params["intervention_boundaries"], 1e-3, 1)
+    upper = boundaries[0] * int(width)
+    return torch.sigmoid((population - 0.0) / temperature) * torch.sigmoid((upper - population) / temperature)
+
+
+class BoundlessRotatedSpace(Family):
+    name = "boundless_rotated_space"
+    required = ("rotate_layer", "source", "intervention_boundaries", "temperature")
+
+    def check(self, params, config, width):
+        expect_shape(self.name, params, "rotate_layer", (width, width))
+        expect_shape(self.name, params, "source", (width,))
+        expect_shape(self.name, params, "intervention_boundaries", (1,))
+        expect_shape(self.name, params, "temperature", ())
+        return BoundlessRotatedSpaceSpec(width)
+
+    def forward(self, h, params, config):
+        R = params["rotate_layer"]
+        rotated_base = torch.matmul(h.to(R.dtype), R)
+        rotated_source = torch.matmul(params["source"].to(R.dtype), R)
+        mask = boundary_mask(params, R.shape[0]).to(rotated_base.dtype)
+        rotated_output = (1.0 - mask) * rotated_base + mask * rotated_source
+        return torch.matmul(rotated_output, R.T).to(h.dtype)
+
+    def lowrank(self, params, config):
+        R = f32(params["rotate_layer"])
+        mask = f32(boundary_mask(params, R.shape[0]))
+        return LowRankEdit(b=(f32(params["source"]) @ R) * mask, P=R * mask, U=R)
+
+
+FAMILY = BoundlessRotatedSpace()

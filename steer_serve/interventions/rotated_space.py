@@ -1,0 +1,54 @@
+"""pyvene ``RotatedSpaceIntervention`` (DAS) with a stored source representation.
+
+``out = swap_k(h R, s R) Rᵀ`` where R d×d is orthogonal and ``swap_k`` takes the first k rotated
+coordinates from the source s. Parameters: ``rotate_layer`` R d×d (the parametrization already
+resolved), ``source`` s d. Config: ``interchange_dim`` k (default d).
+
+Low-rank form, using R Rᵀ = I: ``delta = (s R_k − h R_k) R_kᵀ`` with R_k the first k columns;
+for k = d the output no longer depends on h: ``z = 1``, ``v = (s R) Rᵀ``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import LowRankEdit
+from .family import Family, expect_shape, f32, interchange_dim
+
+
+@dataclass(frozen=True)
+class RotatedSpaceSpec:
+    width: int
+    interchange_dim: int
+
+
+class RotatedSpace(Family):
+    name = "rotated_space"
+    required = ("rotate_layer", "source")
+
+    def check(self, params, config, width):
+        expect_shape(self.name, params, "rotate_layer", (width, width))
+        expect_shape(self.name, params, "source", (width,))
+        return RotatedSpaceSpec(width, interchange_dim(self.name, config, width))
+
+    def forward(self, h, params, config):
+        R = params["rotate_layer"]
+        k = interchange_dim(self.name, config, h.shape[-1])
+        rotated_base = torch.matmul(h.to(R.dtype), R)
+        rotated_source = torch.matmul(params["source"].to(R.dtype), R)
+        rotated_base[..., :k] = rotated_source[..., :k]
+        return torch.matmul(rotated_base, R.T).to(h.dtype)
+
+    def lowrank(self, params, config):
+        R, source = f32(params["rotate_layer"]), f32(params["source"])
+        width = R.shape[0]
+        k = interchange_dim(self.name, config, width)
+        rotated_source = source @ R
+        if k == width:
+            return LowRankEdit(v=rotated_source @ R.T, z=torch.ones(width))
+        Rk = R[:, :k]
+        return LowRankEdit(b=rotated_source[:k], P=Rk, U=Rk)
+
+
+FAMILY = RotatedSpace()

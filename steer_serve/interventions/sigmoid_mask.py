@@ -1,0 +1,40 @@
+"""pyvene ``SigmoidMaskIntervention`` with a stored source: ``(1 − m) ⊙ h + m ⊙ s``.
+
+``m = σ(mask / T)`` per hidden column. Parameters: ``mask`` d, ``temperature`` T [] (scalar),
+``source`` s d. Low-rank form: ``v = m ⊙ s``, ``z = m`` (rank 0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import LowRankEdit
+from .family import Family, expect_shape, f32
+
+
+@dataclass(frozen=True)
+class SigmoidMaskSpec:
+    width: int
+
+
+class SigmoidMask(Family):
+    name = "sigmoid_mask"
+    required = ("mask", "temperature", "source")
+
+    def check(self, params, config, width):
+        expect_shape(self.name, params, "mask", (width,))
+        expect_shape(self.name, params, "temperature", ())
+        expect_shape(self.name, params, "source", (width,))
+        return SigmoidMaskSpec(width)
+
+    def forward(self, h, params, config):
+        mask = torch.sigmoid(params["mask"] / params["temperature"])
+        return ((1.0 - mask) * h + mask * params["source"]).to(h.dtype)
+
+    def lowrank(self, params, config):
+        mask = f32(torch.sigmoid(params["mask"] / params["temperature"]))
+        return LowRankEdit(v=mask * f32(params["source"]), z=mask)
+
+
+FAMILY = SigmoidMask()
