@@ -1,0 +1,1 @@
+"""Python client for steer-serve (filled in by the client issue)."""

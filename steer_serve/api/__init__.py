@@ -1,0 +1,1 @@
+"""FastAPI app: OpenAI routes, /v1/interventions, errors, auth, metrics."""

@@ -1,0 +1,78 @@
+"""OpenAI-style errors: every failure is ``{"error": {"message", "type", "param", "code"}}``."""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 409: "conflict_error", 413: "request_too_large", 422: "invalid_request_error",
+          429: "rate_limit_error", 503: "service_unavailable"}
+
+
+class APIError(Exception):
+    """Raise anywhere in a route to answer with an OpenAI error body."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.headers = status, message, code, param, headers
+
+
+def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": _TYPES.get(status, "server_error" if status >= 500 else
+                                                              "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, *, code: str | None = None, param: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI, on_error=lambda status: None) -> None:
+    """Map every exception type we raise (and FastAPI's own) onto the OpenAI error shape."""
+    from steer_serve.formats.errors import InterventionFormatError
+    from steer_serve.registry import RegistryError
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        on_error(exc.status)
+        return error_response(exc.status, exc.message, code=exc.code, param=exc.param, headers=exc.headers)
+
+    @app.exception_handler(RegistryError)
+    async def _registry_error(request: Request, exc: RegistryError):
+        on_error(exc.status)
+        return error_response(exc.status, str(exc), code=exc.code, param=exc.param)
+
+    @app.exception_handler(InterventionFormatError)
+    async def _format_error(request: Request, exc: InterventionFormatError):
+        on_error(400)
+        return error_response(400, str(exc), code="invalid_intervention", param=getattr(exc, "param", None) or "source")
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        on_error(400)
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+                            for e in errors[:5])
+        return error_response(400, message or "invalid request", code="invalid_request",
+                              param=".".join(loc) or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        on_error(exc.status_code)
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        on_error(500)
+        return error_response(500, f"internal error: {type(exc).__name__}", code="internal_error")

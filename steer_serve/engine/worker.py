@@ -1,0 +1,111 @@
+"""Worker extension (``worker_extension_cls``): runs inside the process that holds the model.
+
+``steer_install`` hooks the V1 model runner's ``_prepare_inputs`` on this worker's runner
+instance (not the class), so the per-step slot buffers are filled once per step from the
+scheduled batch; warm-up and profiling runs never call it and see zeroed buffers.
+``steer_write_slot`` / ``steer_clear_slot`` copy an intervention's tables into a slot in place,
+between engine steps (collective RPCs run between steps), without recompiling anything.
+"""
+from __future__ import annotations
+
+import functools
+import json
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+
+from steer_serve.engine.model import steerable_model
+from steer_serve.interventions.base import LowRankEdit
+
+_LOWRANK_FIELDS = ("W", "b", "P", "U", "v", "z")
+
+
+def encode_slot_payload(site_edits: dict[tuple[int, str], LowRankEdit]) -> tuple[bytes, str]:
+    """Serialise per-site low-rank edits for ``steer_write_slot`` (safetensors bytes + JSON)."""
+    from safetensors.torch import save
+
+    tensors, meta = {}, []
+    for i, ((layer, component), edit) in enumerate(sorted(site_edits.items())):
+        meta.append({"layer": layer, "component": component, "act": edit.act})
+        for name in _LOWRANK_FIELDS:
+            value = getattr(edit, name)
+            if value is not None:
+                tensors[f"{i}.{name}"] = value.detach().to(torch.float32).contiguous().cpu()
+    return save(tensors), json.dumps(meta)
+
+
+def _decode_slot_payload(blob: bytes, meta_json: str) -> dict[tuple[int, str], LowRankEdit]:
+    tensors = load_safetensors(blob)
+    edits = {}
+    for i, site in enumerate(json.loads(meta_json)):
+        fields = {name: tensors.get(f"{i}.{name}") for name in _LOWRANK_FIELDS}
+        edits[(site["layer"], site["component"])] = LowRankEdit(act=site["act"], **fields)
+    return edits
+
+
+class SteerWorkerExtension:
+    """Mixed into vLLM's worker class; methods are reachable through ``collective_rpc``."""
+
+    def _steer_model(self):
+        model = steerable_model(self.model_runner.get_model())
+        if model is None:
+            raise RuntimeError("the loaded model is not steerable (expected SteerLlamaForCausalLM)")
+        return model
+
+    def steer_install(self) -> dict:
+        """Hook the runner's per-step input preparation; returns the table geometry."""
+        runner = self.model_runner
+        model = self._steer_model()
+        if not getattr(runner, "_steer_installed", False):
+            runner._prepare_inputs = functools.partial(_prepare_inputs_with_steering, runner,
+                                                       runner._prepare_inputs, model.step_state)
+            runner._steer_installed = True
+        config = model.step_state.config
+        attn = model.steer_layers()[0].self_attn
+        return {"num_slots": config.num_slots, "max_rank": config.max_rank,
+                "max_columns": config.max_columns, "components": list(config.components),
+                "num_layers": len(model.steer_layers()), "hidden_size": model.config.hidden_size,
+                "value_width": attn.num_heads * attn.head_dim, "num_heads": attn.num_heads}
+
+    def steer_write_slot(self, slot: int, blob: bytes, meta_json: str) -> None:
+        """Write one intervention into ``slot`` of every layer (sites it doesn't touch are cleared)."""
+        model = self._steer_model()
+        edits = _decode_slot_payload(blob, meta_json)
+        layers = model.steer_layers()
+        for layer, component in edits:
+            if not 0 <= layer < len(layers) or component not in layers[0].steer_config.components:
+                raise ValueError(f"site (layer {layer}, {component}) is not hooked in this engine")
+        for layer in layers:
+            for component in layer.steer_config.components:
+                edit = edits.get((layer.layer_idx, component))
+                tables = layer.slot_tables(component)
+                if edit is None:
+                    tables.clear(slot)
+                else:
+                    tables.write(slot, edit)
+        model.step_state.set_slot_sites(slot, list(edits))
+
+    def steer_clear_slot(self, slot: int) -> None:
+        """Zero ``slot`` everywhere."""
+        model = self._steer_model()
+        for layer in model.steer_layers():
+            for component in layer.steer_config.components:
+                layer.slot_tables(component).clear(slot)
+        model.step_state.set_slot_sites(slot, [])
+
+
+def _prepare_inputs_with_steering(runner, original, state, scheduler_output, num_scheduled_tokens: np.ndarray):
+    result = original(scheduler_output, num_scheduled_tokens)
+    batch = runner.input_batch
+    num_reqs = batch.num_reqs
+    requests = runner.requests
+
+    def extra_args_of(req_id: str):
+        return requests[req_id].sampling_params.extra_args
+
+    state.prepare(batch.req_ids[:num_reqs], num_scheduled_tokens, batch.num_computed_tokens_cpu[:num_reqs],
+                  batch.num_prompt_tokens[:num_reqs], extra_args_of)
+    if len(state._requests) > 2 * len(requests) + 64:
+        state.forget_requests(requests)
+    return result

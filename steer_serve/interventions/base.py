@@ -1,0 +1,101 @@
+"""Core data model shared by every intervention family.
+
+An :class:`Intervention` is what a user registers under an id: a list of :class:`Edit` s
+(one family applied at one :class:`Placement`), plus the positions it acts on and a default scale.
+
+Every family has two faces:
+
+* ``apply(h, params, config)`` — the torch reference forward over ``[tokens, hidden]``, written
+  literally as pyreft/pyvene compute it. It is the oracle in tests.
+* ``to_lowrank(params, config)`` — the same edit in the one *generic low-rank form* that the
+  batched kernels and the engine execute::
+
+      delta(h) = (act(h Wᵀ + b) − h P) Uᵀ + v − h ⊙ z
+      h'       = h + coef · delta(h)            (coef = scale, or 0 where the position is masked)
+
+  W: r×d, b: r, P: d×r, U: d×r, v: d, z: d (any of them may be None = zero).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+#: Where an edit acts. Per-head variants are written ``head_<component>`` with ``Placement.head``.
+COMPONENTS = ("block_output", "mlp_output", "attention_output", "attention_value_output")
+
+#: Activation names accepted by ``LowRankEdit.act`` (pyreft takes transformers' ACT2FN names).
+ACTIVATIONS = ("linear", "relu", "gelu", "tanh", "sigmoid", "silu")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one edit acts: a decoder layer and a component of it (optionally one head)."""
+
+    layer: int
+    component: str = "block_output"
+    head: int | None = None
+
+    def __post_init__(self):
+        base = self.component.removeprefix("head_")
+        if base not in COMPONENTS:
+            raise ValueError(f"unknown component {self.component!r}; expected one of {COMPONENTS} "
+                             "(or head_<component> with a head index)")
+        if self.component.startswith("head_") != (self.head is not None):
+            raise ValueError(f"component {self.component!r}: a head index is required exactly for head_* components")
+        if self.layer < 0:
+            raise ValueError(f"layer must be >= 0, got {self.layer}")
+
+    @property
+    def base_component(self) -> str:
+        return self.component.removeprefix("head_")
+
+
+@dataclass
+class Edit:
+    """One family applied at one placement, with its tensors and hyper-parameters."""
+
+    family: str
+    placement: Placement
+    params: dict[str, torch.Tensor]
+    config: dict = field(default_factory=dict)
+
+
+@dataclass
+class Intervention:
+    """A registered intervention: its edits, default positions/scale and base-model facts."""
+
+    edits: list[Edit]
+    hidden_size: int
+    positions: str = "all"
+    scale: float = 1.0
+    base_model: str | None = None
+    dtype: str = "float32"
+    source_format: str = "native"
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for e in self.edits for t in e.params.values())
+
+
+@dataclass
+class LowRankEdit:
+    """An edit in the generic low-rank form (see module docstring). Tensors are float32."""
+
+    W: torch.Tensor | None = None
+    b: torch.Tensor | None = None
+    P: torch.Tensor | None = None
+    U: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    z: torch.Tensor | None = None
+    act: str = "linear"
+
+    @property
+    def rank(self) -> int:
+        for t, dim in ((self.W, 0), (self.b, 0), (self.P, 1), (self.U, 1)):
+            if t is not None:
+                return t.shape[dim]
+        return 0
+
+    def replace(self, **kw) -> "LowRankEdit":
+        return dataclasses.replace(self, **kw)

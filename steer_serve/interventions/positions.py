@@ -1,0 +1,59 @@
+"""Which token positions an intervention acts on, in pyreft's grammar and a few more.
+
+``f<n>`` first n prompt tokens, ``l<n>`` last n prompt tokens, ``f<n>+l<n>`` both (a union, as
+pyvene gathers and scatters back), ``prompt`` every prompt token, ``generated`` every generated
+token, ``all`` every token. The first four act during prefill only, like pyreft with
+``intervene_on_prompt=True``: generated tokens then see the edited KV cache.
+
+Positions are absolute within the request (prompt token i has position i), so the mask is the
+same however the prompt is chunked, cached or recomputed.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+_WINDOW = re.compile(r"^(?:f(?P<f>\d+))?(?:\+?l(?P<l>\d+))?$")
+
+
+@dataclass(frozen=True)
+class Positions:
+    kind: str  # "window" | "prompt" | "generated" | "all"
+    first: int = 0
+    last: int = 0
+
+    def mask(self, positions: np.ndarray, num_prompt_tokens: int) -> np.ndarray:
+        """Boolean mask over absolute token ``positions`` of one request."""
+        is_prompt = positions < num_prompt_tokens
+        if self.kind == "all":
+            return np.ones_like(is_prompt)
+        if self.kind == "prompt":
+            return is_prompt
+        if self.kind == "generated":
+            return ~is_prompt
+        in_first = positions < self.first
+        in_last = positions >= num_prompt_tokens - self.last
+        return is_prompt & (in_first | in_last)
+
+    def __str__(self) -> str:
+        if self.kind != "window":
+            return self.kind
+        parts = ([f"f{self.first}"] if self.first else []) + ([f"l{self.last}"] if self.last else [])
+        return "+".join(parts)
+
+
+def parse_positions(spec: str) -> Positions:
+    """Parse a positions string; raises ValueError with the accepted grammar on failure."""
+    text = str(spec).strip().lower()
+    if text in ("all", "prompt", "generated"):
+        return Positions(text)
+    m = _WINDOW.match(text)
+    if text and m and (m.group("f") or m.group("l")) and not text.startswith("+"):
+        first, last = int(m.group("f") or 0), int(m.group("l") or 0)
+        if first > 0 or last > 0:
+            if "+" in text and not (m.group("f") and m.group("l")):
+                raise ValueError(f"invalid positions {spec!r}")
+            return Positions("window", first, last)
+    raise ValueError(f"invalid positions {spec!r}: expected f<n>, l<n>, f<n>+l<n>, prompt, generated or all")

@@ -1,0 +1,377 @@
+"""Intervention registry: id → loaded intervention, device slot pool with LRU, refcounts, persistence.
+
+* Registering compiles an intervention once into per-site low-rank edits (the engine's form) and
+  keeps them on the CPU; nothing is written to the device until a request needs it.
+* :meth:`InterventionRegistry.acquire` pins every intervention a request names into a device slot
+  (loading on demand, evicting the least recently used idle one) and bumps its refcount; a slot in
+  use is never evicted or overwritten. When every slot is pinned, the request waits for one.
+* The registry (ids, sources, defaults, and a native copy of the weights) is persisted under the
+  cache dir and written atomically, so a restart loses nothing.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from steer_serve.engine.config import RequestSteering
+from steer_serve.interventions import get_family
+from steer_serve.interventions.base import Intervention, LowRankEdit
+from steer_serve.interventions.positions import parse_positions
+
+logger = logging.getLogger(__name__)
+
+
+class RegistryError(Exception):
+    """A registry request that cannot be honoured; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "invalid_request", param: str | None = None):
+        super().__init__(message)
+        self.status, self.code, self.param = status, code, param
+
+
+@dataclass
+class Entry:
+    """One registered intervention."""
+
+    id: str
+    intervention: Intervention
+    site_edits: dict[tuple[int, str], LowRankEdit]
+    content_hash: str
+    source: str
+    format: str
+    created: int = field(default_factory=lambda: int(time.time()))
+    slot: int | None = None
+    refcount: int = 0
+    last_used: float = 0.0
+    deleting: bool = False
+
+    @property
+    def positions(self) -> str:
+        return self.intervention.positions
+
+    @property
+    def scale(self) -> float:
+        return self.intervention.scale
+
+
+@dataclass
+class Lease:
+    """The slots pinned for one request; give it back with :meth:`InterventionRegistry.release`."""
+
+    entries: list[Entry]
+    steering: RequestSteering
+    cache_salt: str | None
+
+
+def compile_site_edits(iv: Intervention, *, value_width: int, num_heads: int) -> dict[tuple[int, str], LowRankEdit]:
+    """Turn every edit into the generic low-rank form at its (layer, component) site."""
+    sites: dict[tuple[int, str], LowRankEdit] = {}
+    for edit in iv.edits:
+        lowrank = get_family(edit.family).to_lowrank(edit.params, edit.config)
+        placement = edit.placement
+        if placement.head is not None:
+            width = value_width if placement.base_component == "attention_value_output" else iv.hidden_size
+            lowrank = _expand_head(lowrank, placement.head, width // num_heads, width)
+        site = (placement.layer, placement.base_component)
+        if site in sites:
+            raise RegistryError(f"two edits of one intervention act at layer {site[0]} {site[1]}; "
+                                "register them as separate interventions and combine them per request",
+                                param="source")
+        sites[site] = lowrank
+    return sites
+
+
+def _expand_head(edit: LowRankEdit, head: int, head_dim: int, width: int) -> LowRankEdit:
+    """Embed a per-head edit (tensors of size head_dim) into full-width tensors, zero elsewhere."""
+    import torch
+
+    lo, hi = head * head_dim, (head + 1) * head_dim
+    if hi > width:
+        raise RegistryError(f"head {head} is out of range for width {width} (head_dim {head_dim})", param="source")
+
+    def widen(t, dim):
+        if t is None or t.shape[dim] == width:
+            return t
+        if t.shape[dim] != head_dim:
+            raise RegistryError(f"per-head edit has size {t.shape[dim]} but head_dim is {head_dim}", param="source")
+        shape = list(t.shape)
+        shape[dim] = width
+        out = torch.zeros(shape, dtype=t.dtype)
+        out.narrow(dim, lo, head_dim).copy_(t)
+        return out
+
+    return edit.replace(W=widen(edit.W, 1), P=widen(edit.P, 0), U=widen(edit.U, 0),
+                        v=widen(edit.v, 0), z=widen(edit.z, 0))
+
+
+def content_hash(site_edits: dict[tuple[int, str], LowRankEdit]) -> str:
+    """Hash of the weights as the engine sees them (identity for prefix-cache salting)."""
+    digest = hashlib.sha256()
+    for (layer, component), edit in sorted(site_edits.items()):
+        digest.update(f"{layer}/{component}/{edit.act}".encode())
+        for name in ("W", "b", "P", "U", "v", "z"):
+            tensor = getattr(edit, name)
+            digest.update(name.encode())
+            if tensor is not None:
+                digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+class InterventionRegistry:
+    """Registered interventions and the device slot pool (slots 1..num_slots; 0 is 'none')."""
+
+    def __init__(self, engine, *, persist_dir: Path | None = None):
+        self.engine = engine
+        geometry = engine.geometry
+        self.num_slots = int(geometry.get("num_slots", 0))
+        self.max_rank = int(geometry.get("max_rank", 0))
+        self.max_columns = int(geometry.get("max_columns", 0))
+        self.components = tuple(geometry.get("components", ()))
+        self.num_layers = int(geometry.get("num_layers", 0))
+        self.hidden_size = int(geometry.get("hidden_size", 0))
+        self.value_width = int(geometry.get("value_width", 0))
+        self.num_heads = int(geometry.get("num_heads", 1))
+        self.entries: dict[str, Entry] = {}
+        self.slot_owner: dict[int, str] = {}
+        self.persist_dir = persist_dir
+        self.evictions = 0
+        self.on_load = lambda seconds: None  # metrics hook: called with each slot load's latency
+        self._changed = asyncio.Condition()
+        self._slot_lock = asyncio.Lock()
+
+    # ----- registration -------------------------------------------------------------------
+    def check_geometry(self, iv: Intervention) -> dict[tuple[int, str], LowRankEdit]:
+        """Validate against what the engine hooks; return the compiled site edits."""
+        if not self.num_slots:
+            raise RegistryError("this server's base model does not support interventions", status=400)
+        if self.hidden_size and iv.hidden_size != self.hidden_size:
+            raise RegistryError(f"intervention hidden size {iv.hidden_size} does not match the base model's "
+                                f"{self.hidden_size}", param="source")
+        parse_positions(iv.positions)
+        sites = compile_site_edits(iv, value_width=self.value_width or iv.hidden_size, num_heads=self.num_heads)
+        for (layer, component), edit in sites.items():
+            if layer >= self.num_layers:
+                raise RegistryError(f"layer {layer} does not exist (the base model has {self.num_layers})",
+                                    param="source")
+            if component not in self.components:
+                raise RegistryError(f"component {component!r} is not hooked by this server "
+                                    f"(hooked: {', '.join(self.components)}); see --intervention-components",
+                                    param="source")
+            if edit.rank > self.max_rank:
+                raise RegistryError(f"rank {edit.rank} at layer {layer} {component} exceeds this server's "
+                                    f"--max-rank {self.max_rank}", param="source")
+        return sites
+
+    async def register(self, intervention_id: str, iv: Intervention, *, source: str, format: str,
+                       replace: bool = False) -> Entry:
+        """Add (or with ``replace``, swap in) an intervention; persists the registry."""
+        sites = self.check_geometry(iv)
+        async with self._changed:
+            old = self.entries.get(intervention_id)
+            if old is not None and not replace:
+                raise RegistryError(f"intervention {intervention_id!r} already exists", status=409,
+                                    code="conflict", param="id")
+            if old is not None and old.refcount:
+                raise RegistryError(f"intervention {intervention_id!r} is in use by {old.refcount} request(s)",
+                                    status=409, code="conflict", param="id")
+            entry = Entry(intervention_id, iv, sites, content_hash(sites), source, format)
+            if old is not None:
+                await self._unload(old)
+            self.entries[intervention_id] = entry
+            self._persist()
+            self._changed.notify_all()
+        return entry
+
+    async def update_defaults(self, intervention_id: str, *, scale: float | None = None,
+                              positions: str | None = None) -> Entry:
+        """PATCH: change the default scale/positions (takes effect for new requests)."""
+        entry = self.get(intervention_id)
+        if positions is not None:
+            parse_positions(positions)
+            entry.intervention.positions = positions
+        if scale is not None:
+            entry.intervention.scale = float(scale)
+        self._persist()
+        return entry
+
+    async def unregister(self, intervention_id: str, *, force: bool = False, timeout: float = 60.0) -> None:
+        """Remove an intervention; refused while in use unless ``force`` (then waits for it to drain)."""
+        entry = self.get(intervention_id)
+        async with self._changed:
+            if entry.refcount and not force:
+                raise RegistryError(f"intervention {intervention_id!r} is in use by {entry.refcount} request(s); "
+                                    "retry later or pass force=true to wait for them", status=409, code="conflict")
+            entry.deleting = True
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: entry.refcount == 0), timeout)
+            except asyncio.TimeoutError:
+                entry.deleting = False
+                raise RegistryError(f"intervention {intervention_id!r} still in use after {timeout:.0f}s",
+                                    status=409, code="conflict") from None
+            await self._unload(entry)
+            self.entries.pop(intervention_id, None)
+            self._persist()
+            self._changed.notify_all()
+
+    def get(self, intervention_id: str) -> Entry:
+        entry = self.entries.get(intervention_id)
+        if entry is None or entry.deleting:
+            raise RegistryError(f"The intervention `{intervention_id}` does not exist.", status=404,
+                                code="intervention_not_found", param="intervention")
+        return entry
+
+    # ----- slot pool ----------------------------------------------------------------------
+    async def acquire(self, requested: list[tuple[str, float | None, str | None]]) -> Lease:
+        """Pin each (id, scale, positions) into a slot; waits while every slot is busy."""
+        if len(requested) > self.max_columns:
+            raise RegistryError(f"a request may combine at most {self.max_columns} interventions",
+                                param="interventions")
+        entries = [self.get(i) for i, _, _ in requested]
+        distinct = {e.id for e in entries}
+        if len(distinct) > self.num_slots:
+            raise RegistryError(f"a request names {len(distinct)} distinct interventions but the server has "
+                                f"{self.num_slots} slots", param="interventions")
+        steering = RequestSteering()
+        for entry, (_, scale, positions) in zip(entries, requested):
+            steering.slots.append(0)
+            steering.scales.append(entry.scale if scale is None else float(scale))
+            pos = entry.positions if positions is None else positions
+            parse_positions(pos)
+            steering.positions.append(pos)
+        unique = list(dict.fromkeys(entries))
+        async with self._changed:
+            for entry in unique:
+                entry.refcount += 1  # pinned from now on: never chosen for eviction
+            try:
+                # Load all missing ones at once or none (waiting), so two requests can never each
+                # hold half of the slots the other needs.
+                while True:
+                    missing = [e for e in unique if e.slot is None]
+                    gone = next((e for e in unique if e.deleting), None)
+                    if gone is not None:
+                        raise RegistryError(f"The intervention `{gone.id}` does not exist.", status=404,
+                                            code="intervention_not_found", param="intervention")
+                    if len(missing) <= self._available_slots():
+                        for entry in missing:
+                            await self._load(entry)
+                        break
+                    await self._changed.wait()
+            except BaseException:
+                for entry in unique:
+                    entry.refcount -= 1
+                self._changed.notify_all()
+                raise
+            now = time.monotonic()
+            for entry in unique:
+                entry.last_used = now
+        steering.slots = [e.slot for e in entries]
+        salt_source = json.dumps([[e.content_hash, s, p] for e, s, p in
+                                  zip(entries, steering.scales, steering.positions)])
+        salt = hashlib.sha256(salt_source.encode()).hexdigest()[:32]
+        return Lease(entries, steering, salt)
+
+    async def release(self, lease: Lease) -> None:
+        async with self._changed:
+            for entry in dict.fromkeys(lease.entries):
+                entry.refcount -= 1
+            self._changed.notify_all()
+
+    def _available_slots(self) -> int:
+        """Free slots plus slots held by idle (unpinned) interventions."""
+        idle = sum(1 for owner in self.slot_owner.values() if self.entries[owner].refcount == 0)
+        return self.num_slots - len(self.slot_owner) + idle
+
+    async def _load(self, entry: Entry) -> None:
+        """Give ``entry`` a slot: a free one, else evict the least recently used idle one."""
+        free = [s for s in range(1, self.num_slots + 1) if s not in self.slot_owner]
+        if free:
+            slot = free[0]
+        else:
+            victim = min((self.entries[o] for o in self.slot_owner.values() if self.entries[o].refcount == 0),
+                         key=lambda e: e.last_used)
+            slot, victim.slot = victim.slot, None
+            self.evictions += 1
+        self.slot_owner[slot] = entry.id
+        started = time.perf_counter()
+        try:
+            async with self._slot_lock:
+                await self.engine.write_slot(slot, entry.site_edits)
+        except BaseException:
+            self.slot_owner.pop(slot, None)
+            raise
+        entry.slot = slot
+        seconds = time.perf_counter() - started
+        self.on_load(seconds)
+        logger.info("loaded %s into slot %d in %.1f ms", entry.id, slot, 1e3 * seconds)
+
+    async def _unload(self, entry: Entry) -> None:
+        if entry.slot is not None:
+            slot, entry.slot = entry.slot, None
+            self.slot_owner.pop(slot, None)
+            async with self._slot_lock:
+                await self.engine.clear_slot(slot)
+
+    def occupancy(self) -> dict:
+        return {"slots": self.num_slots, "loaded": len(self.slot_owner),
+                "pinned": sum(1 for o in self.slot_owner.values() if self.entries[o].refcount),
+                "evictions": self.evictions}
+
+    # ----- persistence --------------------------------------------------------------------
+    def _persist(self) -> None:
+        if self.persist_dir is None:
+            return
+        from steer_serve.formats.native import save_native
+
+        self.persist_dir.mkdir(parents=True, exist_ok=True)
+        weights_dir = self.persist_dir / "weights"
+        weights_dir.mkdir(exist_ok=True)
+        records = []
+        for entry in self.entries.values():
+            target = weights_dir / entry.content_hash
+            if not target.exists():
+                save_native(entry.intervention, target)
+            records.append({"id": entry.id, "source": entry.source, "format": entry.format,
+                            "created": entry.created, "weights": entry.content_hash,
+                            "positions": entry.positions, "scale": entry.scale})
+        _atomic_write_json(self.persist_dir / "registry.json", {"version": 1, "interventions": records})
+        live = {r["weights"] for r in records}
+        for stale in weights_dir.iterdir():
+            if stale.name not in live:
+                shutil.rmtree(stale, ignore_errors=True)
+
+    async def restore(self) -> list[str]:
+        """Re-register what the persisted registry holds; returns the ids restored."""
+        if self.persist_dir is None or not (self.persist_dir / "registry.json").is_file():
+            return []
+        from steer_serve.formats.native import read_native
+
+        data = json.loads((self.persist_dir / "registry.json").read_text())
+        restored = []
+        for record in data.get("interventions", []):
+            try:
+                iv = read_native(self.persist_dir / "weights" / record["weights"])
+                iv.positions, iv.scale = record["positions"], record["scale"]
+                entry = await self.register(record["id"], iv, source=record["source"], format=record["format"],
+                                            replace=True)
+                entry.created = record.get("created", entry.created)
+                restored.append(record["id"])
+            except Exception as exc:  # a broken record must not stop the server from starting
+                logger.error("could not restore intervention %s: %s", record.get("id"), exc)
+        return restored
+
+
+def _atomic_write_json(path: Path, data) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
