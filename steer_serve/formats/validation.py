@@ -21,6 +21,8 @@ from .errors import InterventionFormatError
 MAX_RANK = 64
 #: Default upper bound on the number of edits (placements) in one intervention.
 MAX_PLACEMENTS = 1024
+#: Largest hidden size accepted (bounds what a family may allocate from config alone).
+MAX_HIDDEN_SIZE = 1 << 16
 #: Tensor dtypes an edit's parameters may have.
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 #: Values accepted for ``Intervention.dtype`` (the dtype the edit computes in).
@@ -38,8 +40,8 @@ def _fail(message: str, param: str, code: str = "invalid_intervention"):
 
 
 def _check_header(iv: Intervention, hidden_size, max_placements) -> None:
-    if isinstance(iv.hidden_size, bool) or not isinstance(iv.hidden_size, int) or iv.hidden_size <= 0:
-        _fail(f"hidden_size must be a positive integer, got {iv.hidden_size!r}", "hidden_size")
+    if isinstance(iv.hidden_size, bool) or not isinstance(iv.hidden_size, int) or not 0 < iv.hidden_size <= MAX_HIDDEN_SIZE:
+        _fail(f"hidden_size must be an integer in [1, {MAX_HIDDEN_SIZE}], got {iv.hidden_size!r}", "hidden_size")
     if hidden_size is not None and iv.hidden_size != hidden_size:
         _fail(f"hidden size mismatch: the intervention was built for hidden size {iv.hidden_size} "
               f"but the base model has hidden size {hidden_size}", "hidden_size", "hidden_size_mismatch")
@@ -63,8 +65,8 @@ def _check_tensors(i: int, edit: Edit, hidden_size: int, num_layers, max_rank: i
     if num_layers is not None and edit.placement.layer >= num_layers:
         _fail(f"{where}: layer {edit.placement.layer} is out of range; the base model has {num_layers} layers "
               f"(0..{num_layers - 1})", f"edits[{i}].placement.layer", "layer_out_of_range")
-    if not isinstance(edit.params, dict) or not edit.params:
-        _fail(f"{where}: has no parameters", f"edits[{i}].params")
+    if not isinstance(edit.params, dict):
+        _fail(f"{where}: params must be a dict of named tensors", f"edits[{i}].params")
     widest = max(hidden_size, max_rank)
     for name, t in edit.params.items():
         param = f"edits[{i}].{name}"
@@ -90,9 +92,10 @@ def _check_family(i: int, edit: Edit, hidden_size: int, max_rank: int, allowed_f
         family = interventions.get_family(edit.family)
     except (KeyError, ValueError) as exc:
         _fail(f"{where}: unknown family {edit.family!r} ({exc})", f"edits[{i}].family", "unknown_family")
+    config = interventions.edit_config(edit)
     try:
-        family.validate(edit.params, edit.config, hidden_size)
-        rank = family.to_lowrank(edit.params, edit.config).rank
+        family.validate(edit.params, config, hidden_size)
+        rank = family.to_lowrank(edit.params, config).rank
     except (ValueError, TypeError, KeyError, IndexError, RuntimeError, NotImplementedError) as exc:
         param = getattr(exc, "param", None) or f"edits[{i}]"
         _fail(f"{where}: {exc}", param)
