@@ -1,0 +1,314 @@
+"""pyvene save directories (``IntervenableModel.save``): ``config.json`` + ``intkey_<key>.bin``.
+
+pyreft saves through the same code, so this module holds the shared reader and
+:mod:`.pyreft` only adds pyreft's defaults. What a directory holds:
+
+* ``config.json``: ``representations`` (pyvene ``RepresentationConfig`` tuples, written as JSON
+  lists or dicts: layer, component, unit, max_number_of_units, low_rank_dimension, ...),
+  ``intervention_types`` (``"<class 'pyreft.interventions.LoreftIntervention'>"``),
+  ``intervention_dimensions`` (each intervention's ``interchange_dim``) and ``sorted_keys``.
+* ``intkey_<key>.bin`` per intervention (``torch.save`` of its ``state_dict``), absent for
+  interventions with nothing to save (``ZeroIntervention``). Keys are
+  ``layer_<L>_comp_<component>_unit_<unit>_nunit_<n>#<i>`` since pyvene 0.1.8 and
+  ``layer.<L>.comp.<component>.unit.<unit>.nunit.<n>#<i>`` before; both are read, and the
+  placement (layer, component) is parsed from the key.
+
+Checkpoints are opened with ``torch.load(weights_only=True)`` only. Orthogonally parametrized
+weights (``rotate_layer.parametrizations.weight.original`` + ``...0.base``) are resolved with
+torch's own ``orthogonal`` parametrization, the very code pyreft/pyvene run. Tensors keep their
+saved dtypes (pyreft's bf16 ``learned_source`` next to an fp32 ``rotate_layer``).
+
+pyvene does not store which head a ``head_*`` intervention acts on (heads are chosen per call):
+pass ``head=``. Its width ``head_dim`` is the intervention's ``embed_dim``; the component is
+assumed ``num_heads * head_dim = hidden_size`` wide (Llama's ``o_proj`` input).
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from ..interventions import edit_config, get_family
+from ..interventions.base import COMPONENTS, Edit, Intervention, Placement
+from .errors import InterventionFormatError
+from .sources import read_json, safe_torch_load
+
+_NEW_KEY = re.compile(r"^layer_(?P<layer>\d+)_comp_(?P<comp>.+?)_unit_(?P<unit>.+)_nunit_(?P<n>\d+)#(?P<i>\d+)$")
+_OLD_KEY = re.compile(r"^layer\.(?P<layer>\d+)\.comp\.(?P<comp>.+?)\.unit\.(?P<unit>.+)\.nunit\.(?P<n>\d+)#(?P<i>\d+)$")
+_REPR_FIELDS = ("layer", "component", "unit", "max_number_of_units", "low_rank_dimension")
+
+#: Library class name -> steer-serve family.
+CLASS_FAMILIES = {
+    "LoreftIntervention": "loreft",
+    "NoreftIntervention": "noreft",
+    "DireftIntervention": "direft",
+    "NodireftIntervention": "nodireft",
+    "ConsreftIntervention": "consreft",
+    "LobireftIntervention": "lobireft",
+    "AdditionIntervention": "addition",
+    "SubtractionIntervention": "subtraction",
+    "ZeroIntervention": "zero",
+    "RotatedSpaceIntervention": "rotated_space",
+    "LowRankRotatedSpaceIntervention": "low_rank_rotated_space",
+    "BoundlessRotatedSpaceIntervention": "boundless_rotated_space",
+    "SigmoidMaskIntervention": "sigmoid_mask",
+    "SigmoidMaskRotatedSpaceIntervention": "sigmoid_mask_rotated_space",
+}
+#: pyreft families whose ``act_fn`` the directory does not record.
+ACT_FAMILIES = ("loreft", "noreft", "direft", "nodireft")
+#: State-dict entries that describe, rather than parametrize, an intervention.
+_BOOKKEEPING = ("embed_dim", "interchange_dim")
+
+
+def _fail(message: str, param: str | None = None, code: str = "invalid_pyvene_dir"):
+    raise InterventionFormatError(message, param=param, code=code)
+
+
+def parse_key(key: str) -> tuple[int, str, str]:
+    """``(layer, component, unit)`` of an intervention key in either pyvene scheme."""
+    m = _NEW_KEY.match(key) or _OLD_KEY.match(key)
+    if not m:
+        _fail(f"cannot parse intervention key {key!r}: expected layer_<L>_comp_<component>_unit_<unit>_nunit_<n>#<i> "
+              "(or the older layer.<L>.comp.<component>... form); string-addressed module components are not "
+              "supported", param="sorted_keys")
+    return int(m["layer"]), m["comp"], m["unit"].replace("_", ".")
+
+
+def resolve_orthogonal(original: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """The weight torch's ``orthogonal`` parametrization computes from its saved internals.
+
+    Builds a throw-away module with the same parametrization (default map for the shape, as
+    pyreft/pyvene use it) and loads ``original``/``base`` into it, so the result is bit-for-bit
+    what the library saw. The module's own initialization draws random numbers: the global RNG
+    is left untouched.
+    """
+    holder = torch.nn.Module()
+    holder.weight = torch.nn.Parameter(torch.eye(*original.shape, dtype=original.dtype))
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.nn.utils.parametrizations.orthogonal(holder)
+        holder.load_state_dict({"parametrizations.weight.original": original, "parametrizations.weight.0.base": base})
+        return holder.weight.detach().clone()
+
+
+def _rotate(sd: dict, where: str) -> torch.Tensor:
+    """``rotate_layer``'s weight from any of the ways pyreft/pyvene save it (entries are popped)."""
+    if "rotate_layer" in sd:  # LoReFT's own state_dict: already resolved
+        return sd.pop("rotate_layer")
+    if "rotate_layer.weight" in sd:  # an unparametrized layer
+        return sd.pop("rotate_layer.weight")
+    original = sd.pop("rotate_layer.parametrizations.weight.original", None)
+    base = sd.pop("rotate_layer.parametrizations.weight.0.base", None)
+    if original is None or base is None:
+        _fail(f"{where}: no rotate_layer weight (expected 'rotate_layer' or the orthogonal parametrization's "
+              "'rotate_layer.parametrizations.weight.original' and '...weight.0.base')", param=where)
+    n = max(original.shape)
+    if original.ndim != 2 or tuple(base.shape) != (n, n):
+        _fail(f"{where}: orthogonal parametrization shapes {list(original.shape)} / base {list(base.shape)} "
+              f"do not fit (base must be {n}x{n})", param=where)
+    try:
+        return resolve_orthogonal(original, base)
+    except RuntimeError as exc:
+        _fail(f"{where}: cannot resolve the orthogonal parametrization: {exc}", param=where)
+
+
+def _pop(sd: dict, name: str, where: str, *, optional: bool = False) -> torch.Tensor | None:
+    if name not in sd:
+        if optional:
+            return None
+        _fail(f"{where}: missing tensor {name!r} (found {sorted(sd)})", param=where)
+    return sd.pop(name)
+
+
+def _vector(t: torch.Tensor, where: str) -> torch.Tensor:
+    """A stored source representation as one ``[d]`` vector (pyvene broadcasts it over tokens)."""
+    if t.ndim > 1 and all(s == 1 for s in t.shape[:-1]):
+        t = t.reshape(t.shape[-1])
+    if t.ndim != 1:
+        _fail(f"{where}: the stored source_representation has shape {list(t.shape)}; only one vector "
+              "broadcast over every token can be served", param=where)
+    return t
+
+
+def _params(family: str, sd: dict, where: str, source: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Map a state dict onto the family's parameter names; entries used are removed from ``sd``."""
+    p: dict[str, torch.Tensor] = {}
+    if family in ("loreft", "direft", "consreft", "lobireft", "rotated_space", "low_rank_rotated_space",
+                  "boundless_rotated_space", "sigmoid_mask_rotated_space"):
+        p["rotate_layer"] = _rotate(sd, where)
+    if family in ("loreft", "direft", "noreft", "nodireft"):
+        plain = family == "loreft" and "weight" in sd  # LoReFT's own state_dict drops the prefix
+        p["weight"] = _pop(sd, "weight" if plain else "learned_source.weight", where)
+        p["bias"] = _pop(sd, "bias" if plain else "learned_source.bias", where)
+    if family in ("noreft", "nodireft"):
+        p["proj_weight"] = _pop(sd, "proj_layer.weight", where)
+        proj_bias = _pop(sd, "proj_layer.bias", where, optional=True)
+        if family == "noreft" and proj_bias is not None:
+            p["proj_bias"] = proj_bias  # NodiReFT's forward never reads proj_layer.bias
+    if family in ("consreft", "lobireft"):
+        p["learned_source"] = _pop(sd, "learned_source", where)
+    if family == "boundless_rotated_space":
+        p["intervention_boundaries"] = _pop(sd, "intervention_boundaries", where)
+        p["temperature"] = _pop(sd, "temperature", where)
+        population = _pop(sd, "intervention_population", where, optional=True)
+        width = p["rotate_layer"].shape[0]
+        if population is not None and not torch.equal(population.long(), torch.arange(width)):
+            _fail(f"{where}: intervention_population is not arange({width}) as pyvene builds it", param=where)
+    if family == "sigmoid_mask":
+        p["mask"] = _pop(sd, "mask", where)
+        p["temperature"] = _pop(sd, "temperature", where)
+    if family == "sigmoid_mask_rotated_space":
+        p["masks"] = _pop(sd, "masks", where)
+        p["temperature"] = _pop(sd, "temperature", where)
+    if family in ("addition", "subtraction", "rotated_space", "low_rank_rotated_space", "boundless_rotated_space",
+                  "sigmoid_mask", "sigmoid_mask_rotated_space"):
+        stored = sd.pop("source_representation", None)
+        if stored is None and source is None:
+            _fail(f"{where}: a {family} intervention needs a source representation and none is stored in the "
+                  "directory; pass source= (a [hidden] tensor) to the reader", param=where,
+                  code="missing_source_representation")
+        p["source"] = _vector(stored if stored is not None else source, where)
+    return p
+
+
+def _representations(cfg: dict) -> list[dict]:
+    reps = cfg.get("representations", cfg.get("intervenable_representations"))
+    if not isinstance(reps, list) or not reps:
+        _fail("config.json has no 'representations' list", param="config.json")
+    out = []
+    for i, rep in enumerate(reps):
+        if isinstance(rep, list):
+            rep = dict(zip(_REPR_FIELDS, rep))
+        if not isinstance(rep, dict):
+            _fail(f"config.json: representations[{i}] is neither a list nor an object", param="config.json")
+        out.append(rep)
+    return out
+
+
+def _intervention_class(type_str, i: int) -> str:
+    name = str(type_str).replace("<class '", "").replace("'>", "").rsplit(".", 1)[-1]
+    if name not in CLASS_FAMILIES:
+        _fail(f"intervention {i} is a {name!r}, which steer-serve cannot serve; supported: "
+              f"{', '.join(CLASS_FAMILIES)}", param=f"intervention_types[{i}]", code="unsupported_family")
+    return name
+
+
+def _candidate_keys(rep: dict, counters: dict) -> list[str]:
+    """The keys pyvene (new and old scheme) gives this representation, in config order."""
+    layer, comp = rep.get("layer", 0), rep.get("component", "block_output")
+    unit, n = rep.get("unit", "pos"), rep.get("max_number_of_units", 1)
+    new = f"layer_{layer}_comp_{comp}_unit_{str(unit).replace('.', '_')}_nunit_{n}"
+    old = f"layer.{layer}.comp.{comp}.unit.{unit}.nunit.{n}"
+    i = counters[new] = counters.get(new, -1) + 1
+    return [f"{new}#{i}", f"{old}#{i}"]
+
+
+def read_intervention_dir(path: str | os.PathLike, *, source_format: str, positions: str, act_fn: str | None = None,
+                          hidden_size: int | None = None, head: int | None = None, num_heads: int | None = None,
+                          source: torch.Tensor | None = None) -> Intervention:
+    """Read a pyvene/pyreft save directory into an :class:`Intervention` (see the module docstring)."""
+    directory = Path(path)
+    cfg = read_json(directory / "config.json")
+    if not isinstance(cfg, dict):
+        _fail("config.json is not a JSON object", param="config.json")
+    reps = _representations(cfg)
+    types = cfg.get("intervention_types", cfg.get("intervenable_interventions_type"))
+    if not isinstance(types, list) or len(types) != len(reps):
+        _fail(f"config.json: intervention_types must list one class per representation ({len(reps)})",
+              param="config.json")
+    dims = cfg.get("intervention_dimensions") or [None] * len(reps)
+    sorted_keys = cfg.get("sorted_keys") or []
+    counters: dict = {}
+    edits, widths = [], []
+    for i, (rep, type_str) in enumerate(zip(reps, types)):
+        family = CLASS_FAMILIES[_intervention_class(type_str, i)]
+        keys = ([sorted_keys[i]] if i < len(sorted_keys) else []) + _candidate_keys(rep, counters)
+        found = next((k for k in keys if (directory / f"intkey_{k}.bin").is_file()), None)
+        if found is None and family != "zero":
+            _fail(f"missing weights of intervention {i} ({family}): none of "
+                  f"{', '.join(f'intkey_{k}.bin' for k in dict.fromkeys(keys))}", param=f"intkey_{keys[0]}.bin",
+                  code="missing_file")
+        key = found or keys[0]
+        where = f"intkey_{key}.bin"
+        sd = dict(safe_torch_load(directory / where)) if found else {}
+        layer, component, _ = parse_key(key)
+        if component.removeprefix("head_") not in COMPONENTS:
+            _fail(f"{where}: component {component!r} is not servable; supported: {', '.join(COMPONENTS)} "
+                  "(and head_attention_value_output)", param=where, code="unsupported_component")
+        params = _params(family, sd, where, source)
+        embed_dim = sd.pop("embed_dim", None)
+        leftover = sorted(k for k in sd if k not in _BOOKKEEPING)
+        if leftover:
+            _fail(f"{where}: unexpected tensors {leftover} for a {family} intervention", param=where)
+        width = _width(params, embed_dim, hidden_size, component, num_heads, where)
+        config: dict = {}
+        if family in ACT_FAMILIES and act_fn:
+            config["act_fn"] = act_fn
+        if family in ("addition", "subtraction", "zero", "rotated_space") and i < len(dims) and dims[i] is not None:
+            if not isinstance(dims[i], int):
+                _fail(f"intervention_dimensions[{i}] = {dims[i]!r}: only an integer interchange_dim can be served",
+                      param="config.json")
+            if dims[i] != width:
+                config["interchange_dim"] = dims[i]
+        if family == "zero":
+            config["width"] = width
+        component_width, placement_head = width, None
+        if component.startswith("head_"):
+            if head is None:
+                _fail(f"{where}: a {component} intervention acts on heads chosen at call time; pass head=",
+                      param="head", code="missing_head")
+            heads = hidden_size // width if hidden_size else num_heads
+            if not heads:
+                _fail(f"{where}: placing a per-head intervention needs hidden_size= or num_heads=",
+                      param="hidden_size", code="missing_hidden_size")
+            placement_head, component_width = head, width * heads
+            config.update(head_dim=width, num_heads=heads)
+        if hidden_size and component_width != hidden_size:
+            _fail(f"{where}: hidden size mismatch: the intervention acts on {component_width} columns but "
+                  f"hidden_size is {hidden_size}", param="hidden_size", code="hidden_size_mismatch")
+        try:
+            edit = Edit(family, Placement(layer, component, placement_head), params, config)
+            get_family(family).validate(params, edit_config(edit), hidden_size or component_width)
+        except ValueError as exc:
+            _fail(f"{where}: {exc}", param=f"edits[{i}]")
+        if edits and component_width != widths[0]:
+            _fail(f"{where}: interventions act on different widths ({widths[0]} and {component_width})",
+                  param=f"edits[{i}]")
+        edits.append(edit)
+        widths.append(component_width)
+    return Intervention(edits=edits, hidden_size=hidden_size or widths[0], positions=positions,
+                        source_format=source_format)
+
+
+#: Which dimension of a parameter is the width the intervention acts on.
+_WIDTH_DIM = {"rotate_layer": 0, "source": 0, "mask": 0, "masks": 0, "weight": 1, "proj_weight": 1}
+
+
+def _width(params: dict, embed_dim, hidden_size, component: str, num_heads, where: str) -> int:
+    """How many columns the intervention's tensors span (head_dim for per-head components)."""
+    for name, dim in _WIDTH_DIM.items():
+        if name in params:
+            return params[name].shape[dim]
+    if embed_dim is not None:
+        return int(embed_dim)
+    if hidden_size and not component.startswith("head_"):
+        return hidden_size
+    if hidden_size and num_heads:
+        return hidden_size // num_heads
+    _fail(f"{where}: the intervention stores no tensor to tell its width; pass hidden_size=", param="hidden_size",
+          code="missing_hidden_size")
+
+
+def read_pyvene_dir(path: str | os.PathLike, *, positions: str | None = None, hidden_size: int | None = None,
+                    head: int | None = None, num_heads: int | None = None,
+                    source: torch.Tensor | None = None) -> Intervention:
+    """Read a pyvene ``IntervenableModel.save`` directory.
+
+    ``positions`` defaults to ``"all"`` (pyvene's generate, without ``intervene_on_prompt``,
+    intervenes on every token). ``source`` supplies the source representation for interchange
+    interventions saved without one. ``head`` (and ``num_heads`` when ``hidden_size`` is not
+    given) place ``head_*`` interventions.
+    """
+    return read_intervention_dir(path, source_format="pyvene", positions=positions or "all", hidden_size=hidden_size,
+                                 head=head, num_heads=num_heads, source=source)
