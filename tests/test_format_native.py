@@ -25,6 +25,8 @@ def make_intervention(seed=0) -> Intervention:
                  {"act_fn": "relu"}),
             Edit("addition", Placement(2, "head_attention_value_output", head=3), {"source": source},
                  {"head": 3, "head_dim": D // 4, "num_heads": 4, "interchange_dim": 2}),
+            Edit("sigmoid_mask", Placement(0, "mlp_output"), {"mask": torch.randn(D, generator=g),
+                 "temperature": torch.tensor(0.5, dtype=torch.float64), "source": torch.zeros(D)}),
         ],
         hidden_size=D, positions="f1+l1", scale=0.75, base_model="org/base", dtype="bfloat16",
         source_format="pyreft")
@@ -32,14 +34,14 @@ def make_intervention(seed=0) -> Intervention:
 
 def assert_bit_equal(a: torch.Tensor, b: torch.Tensor):
     assert a.dtype == b.dtype and a.shape == b.shape
-    assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 def test_round_trip_is_bit_exact_and_keeps_dtypes(tmp_path):
     iv = make_intervention()
     save_native(iv, tmp_path / "iv")
     back = read_native(tmp_path / "iv")
-    assert len(back.edits) == 2
+    assert len(back.edits) == 3
     for a, b in zip(iv.edits, back.edits):
         assert (a.family, a.placement, a.config) == (b.family, b.placement, b.config)
         assert a.params.keys() == b.params.keys()
@@ -48,6 +50,7 @@ def test_round_trip_is_bit_exact_and_keeps_dtypes(tmp_path):
     assert back.edits[0].params["weight"].dtype == torch.bfloat16
     assert back.edits[0].params["rotate_layer"].dtype == torch.float32
     assert back.edits[1].params["source"].dtype == torch.float16
+    assert back.edits[2].params["temperature"].shape == () and back.edits[2].params["temperature"].dtype == torch.float64
     for attr in ("hidden_size", "positions", "scale", "base_model", "dtype", "source_format"):
         assert getattr(back, attr) == getattr(iv, attr)
     assert describe_intervention(back) == describe_intervention(iv)
@@ -61,17 +64,18 @@ def test_layout_on_disk(tmp_path):
     assert meta["edits"][1]["placement"] == {"layer": 2, "component": "head_attention_value_output", "head": 3}
     assert meta["edits"][0]["params"]["weight"] == {"shape": [R, D], "dtype": "bfloat16"}
     assert set(load_file(tmp_path / "iv" / "weights.safetensors")) == {
-        "edits.0.rotate_layer", "edits.0.weight", "edits.0.bias", "edits.1.source"}
+        "edits.0.rotate_layer", "edits.0.weight", "edits.0.bias", "edits.1.source",
+        "edits.2.mask", "edits.2.temperature", "edits.2.source"}
     assert detect_format(tmp_path / "iv") == "native"
     assert detect_format(tmp_path / "iv" / "intervention.json") == "native"
 
 
 def test_describe(tmp_path):
     d = describe_intervention(make_intervention())
-    assert d["families"] == ["addition", "loreft"]
-    assert d["num_parameters"] == D * R + R * D + R + D // 4
+    assert d["families"] == ["addition", "loreft", "sigmoid_mask"]
+    assert d["num_parameters"] == D * R + R * D + R + D // 4 + D + 1 + D
     assert d["edits"][0]["params"]["rotate_layer"] == {"shape": [D, R], "dtype": "float32"}
-    assert d["layers"] == [1, 2] and d["positions"] == "f1+l1" and d["scale"] == 0.75
+    assert d["layers"] == [0, 1, 2] and d["positions"] == "f1+l1" and d["scale"] == 0.75
     json.dumps(d)
 
 

@@ -84,7 +84,7 @@ def _locate(source, allowed_dirs, allow_hub: bool, hub_cache_dir) -> Path:
     return download_from_hub(repo_id, revision, cache_dir=hub_cache_dir)
 
 
-def _read(directory: Path, fmt: str, positions, act_fn, hidden_size) -> Intervention:
+def _read(directory: Path, fmt: str, positions, act_fn, hidden_size, head, num_heads) -> Intervention:
     if fmt == "native":
         iv = read_native(directory)
         if act_fn is not None:
@@ -94,10 +94,12 @@ def _read(directory: Path, fmt: str, positions, act_fn, hidden_size) -> Interven
         return iv
     if fmt == "pyreft":
         from .pyreft import read_pyreft_dir
-        return read_pyreft_dir(directory, positions=positions, act_fn=act_fn, hidden_size=hidden_size)
+        return read_pyreft_dir(directory, positions=positions, act_fn=act_fn, hidden_size=hidden_size, head=head,
+                               num_heads=num_heads)
     if fmt == "pyvene":
         from .pyvene import read_pyvene_dir
-        return read_pyvene_dir(directory, positions=positions, hidden_size=hidden_size)
+        return read_pyvene_dir(directory, positions=positions, hidden_size=hidden_size, head=head,
+                               num_heads=num_heads)
     if fmt == "gift":
         raise InterventionFormatError("GIFT checkpoints change weights, not hidden states: convert them to a PEFT "
                                       "LoRA directory with steer_serve.formats.gift.convert_gift_dir (it needs the "
@@ -108,18 +110,20 @@ def _read(directory: Path, fmt: str, positions, act_fn, hidden_size) -> Interven
 
 
 def load_intervention(source: str | os.PathLike, *, format: str = "auto", allowed_dirs=None, positions=None,
-                      act_fn=None, scale=None, hidden_size=None, num_layers=None, max_rank: int = MAX_RANK,
-                      max_placements: int = MAX_PLACEMENTS, allowed_families=None, allow_hub: bool = True,
-                      hub_cache_dir=None) -> Intervention:
+                      act_fn=None, scale=None, hidden_size=None, num_layers=None, head=None, num_heads=None,
+                      max_rank: int = MAX_RANK, max_placements: int = MAX_PLACEMENTS, allowed_families=None,
+                      allow_hub: bool = True, hub_cache_dir=None) -> Intervention:
     """Load, override and validate an intervention from a local path or a hub id.
 
     With ``allowed_dirs`` a local source must lie inside them (see ``resolve_local_source``).
     ``positions``/``scale``/``act_fn`` override what the source says; ``hidden_size`` and
     ``num_layers`` describe the base model and are checked against the intervention.
+    ``head``/``num_heads`` place pyreft/pyvene per-head interventions, whose save dirs do not
+    record the head.
     """
     directory = _locate(source, allowed_dirs, allow_hub, hub_cache_dir)
     fmt = detect_format(directory) if format == "auto" else format
-    iv = _read(directory, fmt, positions, act_fn, hidden_size)
+    iv = _read(directory, fmt, positions, act_fn, hidden_size, head, num_heads)
     if positions is not None:
         iv.positions = str(positions)
     if scale is not None:
