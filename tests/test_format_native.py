@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from steer_serve.formats import describe_intervention, detect_format, native
+from steer_serve.formats import describe_intervention, detect_format, load_intervention, native
 from steer_serve.formats.errors import InterventionFormatError
 from steer_serve.formats.native import read_native, save_native
 from steer_serve.interventions.base import Edit, Intervention, Placement
@@ -175,3 +175,12 @@ def test_tensors_must_match_declared_dtype(tmp_path):
     save_file(tensors, path / "weights.safetensors")
     with pytest.raises(InterventionFormatError, match="stored as float32 .* declares bfloat16"):
         read_native(path)
+
+
+def test_load_intervention_overrides_native(tmp_path):
+    iv = make_intervention()
+    iv.edits[0].config = {}
+    save_native(iv, tmp_path / "iv")
+    back = load_intervention(tmp_path / "iv", act_fn="gelu", positions="prompt", scale=2.0, hidden_size=D)
+    assert back.edits[0].config == {"act_fn": "gelu"} and "act_fn" not in back.edits[1].config
+    assert (back.positions, back.scale) == ("prompt", 2.0)

@@ -13,6 +13,8 @@ from ..interventions.base import Intervention
 from .errors import InterventionFormatError
 from .hub import download_from_hub, looks_like_hub_id, split_hub_id
 from .native import CONFIG_FILE as NATIVE_CONFIG, dtype_name, read_native
+from .pyreft import read_pyreft_dir
+from .pyvene import ACT_FAMILIES, read_pyvene_dir
 from .sources import read_json, resolve_local_source
 from .validation import MAX_PLACEMENTS, MAX_RANK, validate_intervention
 
@@ -89,15 +91,13 @@ def _read(directory: Path, fmt: str, positions, act_fn, hidden_size, head, num_h
         iv = read_native(directory)
         if act_fn is not None:
             for edit in iv.edits:
-                if "act_fn" in edit.config:
+                if edit.family in ACT_FAMILIES:
                     edit.config["act_fn"] = act_fn
         return iv
     if fmt == "pyreft":
-        from .pyreft import read_pyreft_dir
         return read_pyreft_dir(directory, positions=positions, act_fn=act_fn, hidden_size=hidden_size, head=head,
                                num_heads=num_heads)
     if fmt == "pyvene":
-        from .pyvene import read_pyvene_dir
         return read_pyvene_dir(directory, positions=positions, hidden_size=hidden_size, head=head,
                                num_heads=num_heads)
     if fmt == "gift":

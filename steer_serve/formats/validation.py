@@ -88,10 +88,10 @@ def _check_family(i: int, edit: Edit, hidden_size: int, max_rank: int, allowed_f
     if allowed_families is not None and edit.family not in allowed_families:
         _fail(f"{where}: family {edit.family!r} is not allowed on this server "
               f"(allowed: {', '.join(sorted(allowed_families))})", f"edits[{i}].family", "unknown_family")
-    try:
-        family = interventions.get_family(edit.family)
-    except (KeyError, ValueError) as exc:
-        _fail(f"{where}: unknown family {edit.family!r} ({exc})", f"edits[{i}].family", "unknown_family")
+    if edit.family not in interventions.FAMILIES:
+        _fail(f"{where}: unknown family {edit.family!r}; known: {', '.join(sorted(interventions.FAMILIES))}",
+              f"edits[{i}].family", "unknown_family")
+    family = interventions.get_family(edit.family)
     config = interventions.edit_config(edit)
     try:
         family.validate(edit.params, config, hidden_size)
