@@ -10,7 +10,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from steer_serve.formats import describe_intervention, load_intervention
+from steer_serve.formats import load_intervention
 from steer_serve.formats.errors import InterventionFormatError
 from steer_serve.formats.hub import download_from_hub, looks_like_hub_id, split_hub_id
 from steer_serve.formats.native import save_native
