@@ -47,8 +47,9 @@ def activation(name: str):
 
 
 class Family:
-    """One intervention family. Subclasses set ``name`` and ``spec_cls`` and implement
-    :meth:`check` (returns the spec), :meth:`forward` and :meth:`lowrank` on the edit's own width.
+    """One intervention family. Subclasses set ``name`` (and ``required``/``optional`` parameter
+    names) and implement :meth:`check` (returns the family's frozen spec dataclass),
+    :meth:`forward` and :meth:`lowrank` on the edit's own width.
     """
 
     name: str = ""
