@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 from .slot_tables import SlotTables
 
-#: Active-row count up to which gather + bmm beats embedding_bag (see module docstring).
-BGMV_MAX_ROWS = 16
+#: gather + bmm while (rows x table rank) is at most this; embedding_bag above (module docstring).
+BGMV_MAX_ROWS_X_RANK = 256
 
 _ACT_FNS = (None, torch.relu, F.gelu, torch.tanh, torch.sigmoid, F.silu)
 
@@ -55,28 +55,46 @@ def apply_torch(x: torch.Tensor, slots: torch.Tensor, coef: torch.Tensor, tables
 
 
 def _delta(x: torch.Tensor, slots_np: np.ndarray, slots: torch.Tensor, t: SlotTables) -> torch.Tensor:
-    """fp32 ``delta(x)`` for rows that all have a nonzero slot."""
-    A, d = x.shape
-    R = t.max_rank
+    """fp32 ``delta(x)`` for rows whose slots all hold an edit."""
+    xf = x.float()
     if not t.lowrank[slots_np].any():
         delta = t.v.index_select(0, slots).float()
-    elif A <= BGMV_MAX_ROWS:
-        xw = F.pad(x.float(), (0, 1), value=1.0)[:, None, :]                  # [A, 1, d+1]
-        ap = torch.bmm(xw, t.wp.index_select(0, slots).float())                 # [A, 1, 2R]
-        s = F.pad(_activate(ap[..., :R], t.codes[slots_np]) - ap[..., R:], (0, 1), value=1.0)
-        delta = torch.bmm(s, t.uv.index_select(0, slots).float())[:, 0]       # [A, d]
+    elif (slots_np == slots_np[0]).all():
+        delta = _one_slot(xf, int(slots_np[0]), t)
     else:
-        idx = torch.from_numpy((slots_np[:, None] * (d + 1) + np.arange(d + 1)).ravel()).to(x.device)
-        xw = F.pad(x.float(), (0, 1), value=1.0)
-        ap = F.embedding_bag(idx, t.wp.view(-1, 2 * R).float(), _offsets(A, d + 1, x.device),
-                             mode="sum", per_sample_weights=xw.view(-1))         # [A, 2R]
-        s = F.pad(_activate(ap[:, :R], t.codes[slots_np]) - ap[:, R:], (0, 1), value=1.0)
-        idx = torch.from_numpy((slots_np[:, None] * (R + 1) + np.arange(R + 1)).ravel()).to(x.device)
-        delta = F.embedding_bag(idx, t.uv.view(-1, d).float(), _offsets(A, R + 1, x.device),
-                                mode="sum", per_sample_weights=s.view(-1))       # [A, d]
+        delta = _gathered(xf, slots_np, slots, t)
     if t.has_z[slots_np].any():
-        delta = torch.addcmul(delta, x.float(), t.z.index_select(0, slots).float(), value=-1.0)
+        delta = torch.addcmul(delta, xf, t.z.index_select(0, slots).float(), value=-1.0)
     return delta
+
+
+def _one_slot(x: torch.Tensor, slot: int, t: SlotTables) -> torch.Tensor:
+    """All rows in one slot: two plain GEMMs, nothing gathered."""
+    R = t.max_rank
+    wp, uv = t.wp[slot].float(), t.uv[slot].float()
+    ap = torch.addmm(wp[-1], x, wp[:-1])                                         # [A, 2R]
+    s = _activate(ap[:, :R], t.codes[slot:slot + 1]) - ap[:, R:]
+    return torch.addmm(uv[-1], s, uv[:-1])
+
+
+def _gathered(x: torch.Tensor, slots_np: np.ndarray, slots: torch.Tensor, t: SlotTables) -> torch.Tensor:
+    """Rows in many slots: gather + bmm for few rows, embedding_bag otherwise."""
+    A, d = x.shape
+    R = t.max_rank
+    codes = t.codes[slots_np]
+    if A * R <= BGMV_MAX_ROWS_X_RANK:
+        wp, uv = t.wp.index_select(0, slots).float(), t.uv.index_select(0, slots).float()
+        ap = torch.baddbmm(wp[:, -1:], x[:, None], wp[:, :-1])                   # [A, 1, 2R]
+        return torch.baddbmm(uv[:, -1:], _activate(ap[..., :R], codes) - ap[..., R:], uv[:, :-1])[:, 0]
+    s32 = slots_np.astype(np.int32)
+    idx = torch.from_numpy((s32[:, None] * (d + 1) + np.arange(d, dtype=np.int32)).ravel()).to(x.device)
+    ap = F.embedding_bag(idx, t.wp.view(-1, 2 * R).float(), _offsets(A, d, x.device),
+                         mode="sum", per_sample_weights=x.contiguous().view(-1))
+    ap = ap + t.wp[:, -1].index_select(0, slots).float()                         # + [b, 0]
+    s = F.pad(_activate(ap[:, :R], codes) - ap[:, R:], (0, 1), value=1.0)       # [s, 1]
+    idx = torch.from_numpy((s32[:, None] * (R + 1) + np.arange(R + 1, dtype=np.int32)).ravel()).to(x.device)
+    return F.embedding_bag(idx, t.uv.view(-1, d).float(), _offsets(A, R + 1, x.device),
+                           mode="sum", per_sample_weights=s.view(-1))             # [A, d]
 
 
 def _activate(a: torch.Tensor, codes: np.ndarray) -> torch.Tensor:
@@ -93,4 +111,4 @@ def _activate(a: torch.Tensor, codes: np.ndarray) -> torch.Tensor:
 
 
 def _offsets(n: int, step: int, device) -> torch.Tensor:
-    return torch.arange(0, n * step, step, device=device)
+    return torch.arange(0, n * step, step, dtype=torch.int32, device=device)
