@@ -190,6 +190,18 @@ def test_out_base(backend, dtype):
     assert_rows_bit_exact(out.cpu(), hidden.cpu(), ((slots == 0) | (coef == 0)).cpu())
 
 
+def test_large_rank_odd_hidden(backend):
+    """Rank 33 pads to 64 (the Triton kernel's narrower hidden chunks), hidden 72 is not a power of two."""
+    d, r = 72, 33
+    edits = {slot: e for slot, e in make_edits(d=d, r_max=r, seed=3).items() if slot in (1, 4, 8)}
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(18, d, generator=g).to(backend)
+    slots = torch.tensor([1, 4, 8, 0] * 4 + [4, 4], device=backend)
+    coef = torch.full((18,), 0.7, device=backend)
+    out = apply_interventions(x, slots, coef, make_tables(edits, d=d, r_max=r, num_slots=9, device=backend))
+    assert_close(out, reference(x.cpu(), slots.cpu(), coef.cpu(), edits))
+
+
 @pytest.mark.parametrize("bgmv_limit", [10 ** 6, 0], ids=["gather-bmm", "embedding-bag"])
 def test_torch_strategies(monkeypatch, bgmv_limit):
     """Each strategy of the torch path (normally chosen by size) matches the reference."""
