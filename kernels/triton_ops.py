@@ -9,10 +9,10 @@ back from the base unchanged. Every row is stored exactly once.
 Why this and not the alternatives (no GPU was available to time them; the choice rests on bytes
 moved and launch count, and on how the engine lays tokens out):
 
-* BGMV (one program per token) re-reads a slot's ``(3R+2)·d`` weights for every token. With 4 kB
-  of hidden row per token (bf16, d=2048) and 393 kB of weights (R=16, fp32), a 512-token prefill
-  segment of one slot moves ~100x more weight bytes (from L2) than activation bytes from DRAM:
-  it cannot reach the memory roofline for long segments.
+* BGMV (one program per token) re-reads a slot's ``((d+1)·2R + (R+1)·d)·4`` bytes of weights for
+  every token: 803 kB at d=4096, R=16, against 16 kB of bf16 row in + out. A 512-token prefill
+  segment of one slot then moves ~50x more weight bytes (from L2) than activation bytes from DRAM,
+  so it cannot approach the memory roofline.
 * SGMV over tokens *sorted* by slot (vLLM's punica path) needs a sort, per-slot counts and a
   cumsum before the kernel: 3-5 extra launches per call, and its grid either depends on the
   number of active slots (a host sync, not graph-capturable) or spans all S slots.
@@ -20,13 +20,15 @@ moved and launch count, and on how the engine lays tokens out):
   tiles almost always hold one slot (weights read once per 16 tokens, like SGMV) and decode tiles
   hold up to 16 slots (one program each, which is BGMV). Identical slots next to each other in a
   decode batch share one weight read. No metadata, no sync, a grid that depends only on ``T``.
+  Weight traffic per token is the slot's table / 16 (50 kB in the example above, from L2).
 
 Per program the hidden row is streamed in ``BLOCK_D`` chunks twice: the shrink pass reduces
 ``[x, 1]·[Wᵀ|P; b|0]`` over d, the expand pass writes ``base + coef·(s·[U; v] − x ⊙ z)``. The
 second read of a chunk is served from L1/L2 (a program's tile is at most 16·d elements), so each
 row crosses DRAM once in and once out. Accumulation is fp32; fp32 inputs use IEEE fp32 dots,
 16-bit inputs use TF32 (their mantissas fit in TF32 exactly, only the fp32 weights are rounded).
-Block sizes are not tuned on hardware.
+Block sizes are not tuned on hardware: ``BLOCK_M`` trades weight reuse (L2 traffic) against the
+number of programs when one slot covers the whole batch; time it with ``benchmarks/kernel_bench.py``.
 """
 from __future__ import annotations
 
@@ -131,13 +133,15 @@ def apply_triton(x: torch.Tensor, slots: torch.Tensor, coef: torch.Tensor, table
     base = x if out_base is None else out_base
     T, D = x.shape
     R = tables.max_rank
+    if not (tables.wp.is_contiguous() and tables.uv.is_contiguous() and tables.z.is_contiguous()):
+        raise ValueError("slot tables must be contiguous (use SlotTables.allocate / register_slot_tables)")
     out = torch.empty((T, D), dtype=base.dtype, device=base.device)
     if T == 0:
         return out
     r_pad = max(16, triton.next_power_of_2(R))
     grid = (triton.cdiv(T, BLOCK_M), BLOCK_M)
     _apply[grid](
-        x, base, out, slots, coef, tables.wp, tables.uv, tables.z, tables.act,
+        x, base, out, slots.contiguous(), coef.contiguous(), tables.wp, tables.uv, tables.z, tables.act,
         T, D, R, x.stride(0), x.stride(1), base.stride(0), base.stride(1),
         BLOCK_M=BLOCK_M, BLOCK_D=128 if r_pad <= 32 else 64, R_PAD=r_pad,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
