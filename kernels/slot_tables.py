@@ -44,6 +44,7 @@ class SlotTables:
     codes: np.ndarray = field(init=False, repr=False)   # host: act code per slot
     has_z: np.ndarray = field(init=False, repr=False)   # host: z set per slot
     used: np.ndarray = field(init=False, repr=False)    # host: slot holds any edit
+    _views: dict = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self):
         S, d1, R2 = self.wp.shape
@@ -100,6 +101,14 @@ class SlotTables:
     @property
     def v(self) -> torch.Tensor:  # [S, d]
         return self.uv[:, -1]
+
+    def slot_views(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``([b, 0], [Wᵀ | P], v, Uᵀ)`` of one slot as cached views (writes are in place)."""
+        views = self._views.get(slot)
+        if views is None:
+            wp, uv = self.wp[slot], self.uv[slot]
+            views = self._views[slot] = (wp[-1], wp[:-1], uv[-1], uv[:-1])
+        return views
 
     # -- writes ------------------------------------------------------------------------------
     def write(self, slot: int, edit: LowRankEdit) -> None:

@@ -38,7 +38,7 @@ _ACT_FNS = (None, torch.relu, F.gelu, torch.tanh, torch.sigmoid, F.silu)
 def apply_torch(x: torch.Tensor, slots: torch.Tensor, coef: torch.Tensor, tables: SlotTables,
                 out_base: torch.Tensor | None = None) -> torch.Tensor:
     base = x if out_base is None else out_base
-    slots_np = slots.cpu().numpy().astype(np.int64, copy=False)
+    slots_np = slots.cpu().numpy()
     coef_np = coef.cpu().numpy()
     rows = np.flatnonzero((coef_np != 0) & tables.used[slots_np])
     if rows.size == 0:
@@ -57,13 +57,19 @@ def apply_torch(x: torch.Tensor, slots: torch.Tensor, coef: torch.Tensor, tables
 def _delta(x: torch.Tensor, slots_np: np.ndarray, slots: torch.Tensor, t: SlotTables) -> torch.Tensor:
     """fp32 ``delta(x)`` for rows whose slots all hold an edit."""
     xf = x.float()
-    if not t.lowrank[slots_np].any():
+    first = int(slots_np[0])
+    if len(slots_np) == 1 or (slots_np == first).all():
+        lowrank, has_z = t.lowrank[first], t.has_z[first]
+    else:
+        lowrank, has_z = t.lowrank[slots_np].any(), t.has_z[slots_np].any()
+        first = None
+    if not lowrank:
         delta = t.v.index_select(0, slots).float()
-    elif (slots_np == slots_np[0]).all():
-        delta = _one_slot(xf, int(slots_np[0]), t)
+    elif first is not None:
+        delta = _one_slot(xf, first, t)
     else:
         delta = _gathered(xf, slots_np, slots, t)
-    if t.has_z[slots_np].any():
+    if has_z:
         delta = torch.addcmul(delta, xf, t.z.index_select(0, slots).float(), value=-1.0)
     return delta
 
@@ -71,10 +77,10 @@ def _delta(x: torch.Tensor, slots_np: np.ndarray, slots: torch.Tensor, t: SlotTa
 def _one_slot(x: torch.Tensor, slot: int, t: SlotTables) -> torch.Tensor:
     """All rows in one slot: two plain GEMMs, nothing gathered."""
     R = t.max_rank
-    wp, uv = t.wp[slot].float(), t.uv[slot].float()
-    ap = torch.addmm(wp[-1], x, wp[:-1])                                         # [A, 2R]
+    bias, wp, v, u = t.slot_views(slot)
+    ap = torch.addmm(bias.float(), x, wp.float())                                # [A, 2R]
     s = _activate(ap[:, :R], t.codes[slot:slot + 1]) - ap[:, R:]
-    return torch.addmm(uv[-1], s, uv[:-1])
+    return torch.addmm(v.float(), s, u.float())
 
 
 def _gathered(x: torch.Tensor, slots_np: np.ndarray, slots: torch.Tensor, t: SlotTables) -> torch.Tensor:
