@@ -4,8 +4,9 @@
 ``m_i = σ(i / T) · σ((clamp(β, 1e-3, 1)·d − i) / T)``. Parameters: ``rotate_layer`` R d×d
 (resolved), ``source`` s d, ``intervention_boundaries`` β [1], ``temperature`` T [] (scalar).
 
-Low-rank form, using R Rᵀ = I: ``delta = ((s − h) R ⊙ m) Rᵀ``, i.e. ``b = (s R) ⊙ m``,
-``P = R diag(m)``, ``U = R`` (rank d).
+Low-rank form, exact without assuming R Rᵀ = I (R comes out of ``matrix_exp`` only orthogonal
+to float precision): ``z = 1`` drops h, ``W = (R diag(1 − m))ᵀ``, ``b = (s R) ⊙ m``, ``U = R``
+(rank d), so ``h' = (h R ⊙ (1 − m) + s R ⊙ m) Rᵀ`` as pyvene computes it.
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ class BoundlessRotatedSpace(Family):
     def lowrank(self, params, config):
         R = f32(params["rotate_layer"])
         mask = f32(boundary_mask(params, R.shape[0]))
-        return LowRankEdit(b=(f32(params["source"]) @ R) * mask, P=R * mask, U=R)
+        return LowRankEdit(W=(R * (1.0 - mask)).T, b=(f32(params["source"]) @ R) * mask, U=R,
+                           z=torch.ones(R.shape[0]))
 
 
 FAMILY = BoundlessRotatedSpace()

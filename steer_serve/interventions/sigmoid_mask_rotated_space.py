@@ -2,7 +2,8 @@
 
 ``out = ((1 − m) ⊙ h R + m ⊙ s R) Rᵀ`` with ``m = σ(masks / T)`` over rotated coordinates.
 Parameters: ``rotate_layer`` R d×d (resolved), ``masks`` d, ``temperature`` T [], ``source`` s d.
-Low-rank form as Boundless DAS: ``b = (s R) ⊙ m``, ``P = R diag(m)``, ``U = R``.
+Low-rank form as Boundless DAS (exact, rank d): ``z = 1``, ``W = (R diag(1 − m))ᵀ``,
+``b = (s R) ⊙ m``, ``U = R``.
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ class SigmoidMaskRotatedSpace(Family):
     def lowrank(self, params, config):
         R = f32(params["rotate_layer"])
         mask = f32(torch.sigmoid(params["masks"] / params["temperature"]))
-        return LowRankEdit(b=(f32(params["source"]) @ R) * mask, P=R * mask, U=R)
+        return LowRankEdit(W=(R * (1.0 - mask)).T, b=(f32(params["source"]) @ R) * mask, U=R,
+                           z=torch.ones(R.shape[0]))
 
 
 FAMILY = SigmoidMaskRotatedSpace()
