@@ -158,3 +158,16 @@ def test_wrong_shapes_and_missing_tensors(tmp_path):
 def test_unknown_act_fn(tmp_path):
     with pytest.raises(InterventionFormatError, match="act_fn"):
         read_pyreft_dir(_copy(tmp_path), act_fn="softmax")
+
+
+def test_generation_fixtures_point_at_loadable_dirs():
+    files = sorted((DATA / "generation").glob("*.json"))
+    assert {f.stem for f in files} == {"loreft_l1", "loreft_f1+l1", "direft_l1", "direft_f1+l1"}
+    for f in files:
+        doc = json.loads(f.read_text())
+        iv = read_pyreft_dir(DATA / doc["intervention_dir"], positions=doc["positions"])
+        assert iv.positions == doc["positions"] and iv.hidden_size == 576
+        assert [(e.family, e.placement) for e in iv.edits] == [(doc["family"], Placement(doc["layer"], doc["component"]))]
+        differ = sum(p["steered_ids"] != p["unsteered_ids"] for p in doc["prompts"])
+        assert 2 * differ > len(doc["prompts"])
+        assert all(p["prompt_ids"] and 0 < len(p["steered_ids"]) <= doc["max_new_tokens"] for p in doc["prompts"])
