@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from steer_serve.engine.config import RequestSteering
-from steer_serve.interventions import get_family
+from steer_serve.interventions import edit_config, get_family
 from steer_serve.interventions.base import Intervention, LowRankEdit
 from steer_serve.interventions.positions import parse_positions
 
@@ -37,7 +37,7 @@ class RegistryError(Exception):
         self.status, self.code, self.param = status, code, param
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: entries are hashed into sets of pinned interventions
 class Entry:
     """One registered intervention."""
 
@@ -72,14 +72,18 @@ class Lease:
 
 
 def compile_site_edits(iv: Intervention, *, value_width: int, num_heads: int) -> dict[tuple[int, str], LowRankEdit]:
-    """Turn every edit into the generic low-rank form at its (layer, component) site."""
+    """Turn every edit into the generic low-rank form at its (layer, component) site.
+
+    Per-head edits are widened by the family to the component's full width (head_dim = width / heads).
+    """
     sites: dict[tuple[int, str], LowRankEdit] = {}
     for edit in iv.edits:
-        lowrank = get_family(edit.family).to_lowrank(edit.params, edit.config)
         placement = edit.placement
+        config = edit_config(edit)
         if placement.head is not None:
             width = value_width if placement.base_component == "attention_value_output" else iv.hidden_size
-            lowrank = _expand_head(lowrank, placement.head, width // num_heads, width)
+            config = {"head_dim": width // num_heads, "num_heads": num_heads, **config}
+        lowrank = get_family(edit.family).to_lowrank(edit.params, config)
         site = (placement.layer, placement.base_component)
         if site in sites:
             raise RegistryError(f"two edits of one intervention act at layer {site[0]} {site[1]}; "
@@ -87,29 +91,6 @@ def compile_site_edits(iv: Intervention, *, value_width: int, num_heads: int) ->
                                 param="source")
         sites[site] = lowrank
     return sites
-
-
-def _expand_head(edit: LowRankEdit, head: int, head_dim: int, width: int) -> LowRankEdit:
-    """Embed a per-head edit (tensors of size head_dim) into full-width tensors, zero elsewhere."""
-    import torch
-
-    lo, hi = head * head_dim, (head + 1) * head_dim
-    if hi > width:
-        raise RegistryError(f"head {head} is out of range for width {width} (head_dim {head_dim})", param="source")
-
-    def widen(t, dim):
-        if t is None or t.shape[dim] == width:
-            return t
-        if t.shape[dim] != head_dim:
-            raise RegistryError(f"per-head edit has size {t.shape[dim]} but head_dim is {head_dim}", param="source")
-        shape = list(t.shape)
-        shape[dim] = width
-        out = torch.zeros(shape, dtype=t.dtype)
-        out.narrow(dim, lo, head_dim).copy_(t)
-        return out
-
-    return edit.replace(W=widen(edit.W, 1), P=widen(edit.P, 0), U=widen(edit.U, 0),
-                        v=widen(edit.v, 0), z=widen(edit.z, 0))
 
 
 def content_hash(site_edits: dict[tuple[int, str], LowRankEdit]) -> str:

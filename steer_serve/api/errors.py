@@ -53,7 +53,7 @@ def install_error_handlers(app: FastAPI, on_error=lambda status: None) -> None:
     @app.exception_handler(InterventionFormatError)
     async def _format_error(request: Request, exc: InterventionFormatError):
         on_error(400)
-        return error_response(400, str(exc), code="invalid_intervention", param=getattr(exc, "param", None) or "source")
+        return error_response(400, str(exc), code=exc.code, param=exc.param or "source")
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):

@@ -34,6 +34,11 @@ def _limits(state) -> dict:
             "max_rank": state.registry.max_rank, "max_placements": state.max_placements}
 
 
+def _reader_hints(state) -> dict:
+    """Base-model facts the pyreft/pyvene readers need for per-head interventions."""
+    return {"num_heads": state.registry.num_heads}
+
+
 @router.post("", status_code=201, dependencies=[Depends(require_admin_key)],
              summary="Register an intervention (JSON body with a source, or multipart upload of native files)",
              openapi_extra={"requestBody": {"content": {
@@ -56,7 +61,7 @@ async def create_intervention(request: Request):
         iv = await asyncio.to_thread(
             load_intervention, body.source, format=body.format, allowed_dirs=state.allowed_dirs,
             positions=body.positions, act_fn=body.act_fn, scale=body.scale, allow_hub=state.allow_hub,
-            **_limits(state))
+            **_limits(state), **_reader_hints(state))
         source, fmt = body.source, iv.source_format
     entry = await state.registry.register(body.id, iv, source=source, format=fmt, replace=body.replace)
     return JSONResponse(describe_entry(state, entry), status_code=201)

@@ -85,10 +85,11 @@ def _choice_extras(body, prompt, output) -> dict:
 
 
 async def _collect(state, run: GenerationRun, body, kind: str, labels: str) -> dict:
-    choices, completion_tokens = {}, 0
+    choices, completion_tokens, cached_tokens = {}, 0, 0
     started = time.perf_counter()
     first_token = None
     async for index, result in run.stream():
+        cached_tokens += result.num_cached_tokens or 0
         for output in result.outputs:
             if first_token is None and output.token_ids:
                 first_token = time.perf_counter()
@@ -111,7 +112,8 @@ async def _collect(state, run: GenerationRun, body, kind: str, labels: str) -> d
             "created": run.created, "model": body.model or state.served_model_name,
             "choices": [choices[i] for i in sorted(choices)],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+                      "total_tokens": prompt_tokens + completion_tokens,
+                      "prompt_tokens_details": {"cached_tokens": cached_tokens}}}
 
 
 async def _stream(state, run: GenerationRun, body, kind: str, labels: str):

@@ -22,9 +22,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 
 from steer_serve.engine.config import SteerConfig
 from steer_serve.engine.step_state import StepState
-from steer_serve.kernels import SlotTables, apply_interventions
-
-_TABLE_FIELDS = ("W", "b", "P", "U", "v", "z", "act")
+from steer_serve.kernels import SlotTables, apply_interventions, register_slot_tables
 
 
 class SteerLlamaAttention(LlamaAttention):
@@ -50,16 +48,19 @@ class SteerLlamaDecoderLayer(LlamaDecoderLayer):
         self.self_attn.__dict__["steer_layer"] = self  # plain reference, not a submodule
         self.step_state: StepState | None = None  # set by the model after construction
         value_width = self.self_attn.num_heads * self.self_attn.head_dim
+        self._tables: dict[str, SlotTables] = {}
         for component in self.steer_config.components:
             width = value_width if component == "attention_value_output" else self.hidden_size
-            tables = SlotTables.allocate(self.steer_config.num_slots + 1, self.steer_config.max_rank, width,
-                                         device=torch.get_default_device())
-            for name in _TABLE_FIELDS:
-                self.register_buffer(f"steer_{component}_{name}", getattr(tables, name), persistent=False)
+            self._tables[component] = register_slot_tables(
+                self, f"steer_{component}", self.steer_config.num_slots + 1, self.steer_config.max_rank, width,
+                device=torch.get_default_device())
 
     def slot_tables(self, component: str) -> SlotTables:
-        """The tables of one component, as views of this layer's registered buffers."""
-        return SlotTables(**{name: getattr(self, f"steer_{component}_{name}") for name in _TABLE_FIELDS})
+        """The tables of one component (re-viewed if the module's buffers were moved)."""
+        tables = self._tables[component]
+        if tables.wp is not getattr(self, f"steer_{component}_wp"):
+            tables = self._tables[component] = SlotTables.from_buffers(self, f"steer_{component}")
+        return tables
 
     def steer(self, component: str, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """Apply this step's interventions at ``component`` to ``x`` (+ ``residual`` if given)."""

@@ -31,7 +31,7 @@ def encode_slot_payload(site_edits: dict[tuple[int, str], LowRankEdit]) -> tuple
         for name in _LOWRANK_FIELDS:
             value = getattr(edit, name)
             if value is not None:
-                tensors[f"{i}.{name}"] = value.detach().to(torch.float32).contiguous().cpu()
+                tensors[f"{i}.{name}"] = value.detach().to(torch.float32).cpu().clone()  # P and U may alias
     return save(tensors), json.dumps(meta)
 
 

@@ -1,0 +1,48 @@
+"""Shared fixtures: live servers (started once per session) and fixture data paths."""
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from live_server import FIXTURES, ServerProcess
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, intervention_dir):
+    """The default server: default model, prefix caching on, 16 slots, fixtures dir allowed."""
+    root = tmp_path_factory.mktemp("server")
+    proc = ServerProcess("--allowed-intervention-dir", str(FIXTURES), "--allowed-intervention-dir",
+                         str(intervention_dir), "--max-interventions", "16",
+                         registry_dir=root / "registry", log_path=root / "server.log").start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def small_server(tmp_path_factory, intervention_dir):
+    """A constrained server: 2 slots, 32-token steps (chunked prefill), 16 sequences."""
+    root = tmp_path_factory.mktemp("small_server")
+    proc = ServerProcess("--allowed-intervention-dir", str(FIXTURES), "--allowed-intervention-dir",
+                         str(intervention_dir), "--max-interventions", "2",
+                         "--max-num-batched-tokens", "32", "--max-num-seqs", "16", "--max-model-len", "512",
+                         registry_dir=root / "registry", log_path=root / "server.log").start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=300) as c:
+        yield c
+
+
+def generation_fixture(name: str) -> dict:
+    return json.loads((FIXTURES / "generation" / f"{name}.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def intervention_dir(tmp_path_factory):
+    """An allowed directory the tests write native interventions into."""
+    return tmp_path_factory.mktemp("interventions")
