@@ -142,10 +142,10 @@ def steer(server):
 
 @pytest.fixture(scope="module")
 def native_dir(intervention_dir):
-    """A native LoReFT that changes greedy text, saved inside the server's allowed directory."""
+    """A native LoReFT that changes the greedy chat answer, saved inside the server's allowed directory."""
     target = intervention_dir / "client-loreft"
     if not target.exists():
-        save_native(random_loreft(7, layer=12), target)
+        save_native(random_loreft(7, layer=15, strength=8.0), target)
     return target
 
 
@@ -158,12 +158,12 @@ def registered(steer, native_dir):
 
 def test_register_list_get_patch_delete(steer, native_dir, registered):
     item = steer.interventions.get(registered)
-    assert item.id == registered and item.families == ["loreft"] and item.layers == [12]
+    assert item.id == registered and item.families == ["loreft"] and item.layers == [15]
     assert registered in {i.id for i in steer.interventions.list()}
     assert {m.id: m.parent for m in steer.models()}[registered] is not None
     uploaded = steer.interventions.upload("client-up", native_dir, positions="l1", scale=0.5)
     assert (uploaded.source, uploaded.positions, uploaded.scale) == ("upload", "l1", 0.5)
-    assert uploaded.content_hash and uploaded.content_hash != item.content_hash  # scale/positions differ
+    assert uploaded.content_hash
     patched = steer.interventions.patch("client-up", scale=0.25)
     assert patched.scale == 0.25
     with pytest.raises(ConflictError) as info:

@@ -53,7 +53,9 @@ def _refs(interventions) -> list[dict] | None:
 def _steering(body: dict, intervention, interventions, model, stream: bool, kwargs: dict) -> dict:
     extra = kwargs.pop("extra_body", None) or {}
     fields = {"model": model, "intervention": intervention, "interventions": _refs(interventions)}
-    body.update({k: v for k, v in fields.items() if v is not None}, **kwargs, **extra)
+    body.update({k: v for k, v in fields.items() if v is not None})
+    body.update(kwargs)
+    body.update(extra)
     if stream:
         body["stream"] = True
     return body

@@ -76,7 +76,7 @@ class AsyncClient:
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = 600.0,
                  max_retries: int = 2, transport: httpx.AsyncBaseTransport | None = None,
-                 max_connections: int = 256):
+                 max_connections: int | None = 256):
         self.base_url, self.max_retries = base_url_of(base_url), max_retries
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=headers_of(api_key), timeout=timeout,

@@ -47,7 +47,7 @@ async def run_loadtest(cfg: LoadConfig, transport=None, progress_stream=sys.stde
     """Run ``cfg``; returns (JSON-ready report, per-request results). ``transport`` is for tests."""
     prompt_len, output_len = LengthDist.parse(cfg.prompt_len), LengthDist.parse(cfg.output_len)
     async with AsyncClient(cfg.base_url, api_key=cfg.api_key, timeout=cfg.timeout, max_retries=0,
-                           transport=transport) as client:
+                           transport=transport, max_connections=None) as client:
         names = await pick_interventions(client, cfg)
         sent: dict = {}
 
