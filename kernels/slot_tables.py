@@ -14,7 +14,9 @@ contiguous block per slot and, on CPU, one ``embedding_bag`` table serves each h
   appended constant-1 weight);
 * ``z``   ``[S, d]`` and ``act`` ``[S]`` int32 (codes of :data:`ACT_CODES`).
 
-``W, b, P, U, v`` are views into ``wp``/``uv`` with the shapes of the contract. Writes go through
+``W, b, P, U, v`` are views into ``wp``/``uv`` with the shapes of the contract. A slot with the
+linear activation is stored folded, ``W − Pᵀ`` in ``W`` and zeros in ``P`` (the same ``delta``
+with one GEMM fewer on the CPU path). Writes go through
 :meth:`SlotTables.write`, which also keeps a small host-side summary (whether the slot is used,
 has a low-rank part or a ``z``, its act code) so the CPU path can skip work without reading device memory.
 """
@@ -102,12 +104,12 @@ class SlotTables:
     def v(self) -> torch.Tensor:  # [S, d]
         return self.uv[:, -1]
 
-    def slot_views(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``([b, 0], [Wᵀ | P], v, Uᵀ)`` of one slot as cached views (writes are in place)."""
+    def slot_views(self, slot: int) -> tuple[torch.Tensor, ...]:
+        """Cached views of one slot: ``(b, Wᵀ, [b, 0], [Wᵀ | P], v, Uᵀ)`` (writes are in place)."""
         views = self._views.get(slot)
         if views is None:
-            wp, uv = self.wp[slot], self.uv[slot]
-            views = self._views[slot] = (wp[-1], wp[:-1], uv[-1], uv[:-1])
+            wp, uv, R = self.wp[slot], self.uv[slot], self.max_rank
+            views = self._views[slot] = (wp[-1, :R], wp[:-1, :R], wp[-1], wp[:-1], uv[-1], uv[:-1])
         return views
 
     # -- writes ------------------------------------------------------------------------------
@@ -128,6 +130,9 @@ class SlotTables:
             self.wp[slot].zero_()
             self.uv[slot].zero_()
             self.z[slot].zero_()
+            if edit.act == "linear" and edit.P is not None:  # fold: x Wᵀ − x P = x (W − Pᵀ)ᵀ
+                W = edit.P.T.double().neg() if edit.W is None else edit.W.double() - edit.P.T.double()
+                edit = edit.replace(W=W, P=None)
             for name in ("W", "b", "P", "U"):
                 t = getattr(edit, name)
                 if t is not None:

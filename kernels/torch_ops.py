@@ -38,49 +38,58 @@ _ACT_FNS = (None, torch.relu, F.gelu, torch.tanh, torch.sigmoid, F.silu)
 def apply_torch(x: torch.Tensor, slots: torch.Tensor, coef: torch.Tensor, tables: SlotTables,
                 out_base: torch.Tensor | None = None) -> torch.Tensor:
     base = x if out_base is None else out_base
-    slots_np = slots.cpu().numpy()
-    coef_np = coef.cpu().numpy()
+    slots_np, coef_np = slots.cpu().numpy(), coef.cpu().numpy()
+    T = len(slots_np)
+    if T and (T == 1 or (slots_np == slots_np[0]).all() and (coef_np == coef_np[0]).all()):
+        slot, c = int(slots_np[0]), float(coef_np[0])           # one slot, one coef: scalar checks only
+        if c == 0 or not tables.used[slot]:
+            return base.clone(memory_format=torch.contiguous_format)
+        return torch.add(base.float(), _slot_delta(x.float(), slot, tables), alpha=c).to(base.dtype)
     rows = np.flatnonzero((coef_np != 0) & tables.used[slots_np])
     if rows.size == 0:
         return base.clone(memory_format=torch.contiguous_format)
-    if rows.size == x.shape[0]:
-        delta = _delta(x, slots_np, slots, tables)
+    if rows.size == T:
+        delta = _delta(x.float(), slots_np, slots, tables)
         return torch.addcmul(base.float(), coef.float()[:, None], delta).to(base.dtype)
     rows_t = torch.from_numpy(rows).to(x.device)
-    slots_a = slots.index_select(0, rows_t)
-    delta = _delta(x.index_select(0, rows_t), slots_np[rows], slots_a, tables)
+    delta = _delta(x.index_select(0, rows_t).float(), slots_np[rows], slots.index_select(0, rows_t), tables)
     new = torch.addcmul(base.index_select(0, rows_t).float(), coef.index_select(0, rows_t).float()[:, None], delta)
     out = base.clone(memory_format=torch.contiguous_format)
     return out.index_copy_(0, rows_t, new.to(base.dtype))
 
 
 def _delta(x: torch.Tensor, slots_np: np.ndarray, slots: torch.Tensor, t: SlotTables) -> torch.Tensor:
-    """fp32 ``delta(x)`` for rows whose slots all hold an edit."""
-    xf = x.float()
+    """fp32 ``delta(x)`` (x fp32) for rows whose slots all hold an edit."""
     first = int(slots_np[0])
-    if len(slots_np) == 1 or (slots_np == first).all():
-        lowrank, has_z = t.lowrank[first], t.has_z[first]
+    if (slots_np == first).all():
+        return _slot_delta(x, first, t)
+    if t.lowrank[slots_np].any():
+        delta = _gathered(x, slots_np, slots, t)
     else:
-        lowrank, has_z = t.lowrank[slots_np].any(), t.has_z[slots_np].any()
-        first = None
-    if not lowrank:
         delta = t.v.index_select(0, slots).float()
-    elif first is not None:
-        delta = _one_slot(xf, first, t)
-    else:
-        delta = _gathered(xf, slots_np, slots, t)
-    if has_z:
-        delta = torch.addcmul(delta, xf, t.z.index_select(0, slots).float(), value=-1.0)
+    if t.has_z[slots_np].any():
+        delta = torch.addcmul(delta, x, t.z.index_select(0, slots).float(), value=-1.0)
     return delta
 
 
-def _one_slot(x: torch.Tensor, slot: int, t: SlotTables) -> torch.Tensor:
-    """All rows in one slot: two plain GEMMs, nothing gathered."""
-    R = t.max_rank
-    bias, wp, v, u = t.slot_views(slot)
-    ap = torch.addmm(bias.float(), x, wp.float())                                # [A, 2R]
-    s = _activate(ap[:, :R], t.codes[slot:slot + 1]) - ap[:, R:]
-    return torch.addmm(v.float(), s, u.float())
+def _slot_delta(x: torch.Tensor, slot: int, t: SlotTables) -> torch.Tensor:
+    """fp32 ``delta(x)`` (x fp32) with every row in ``slot``: plain GEMMs, nothing gathered.
+
+    Returns ``[A, d]``, or ``[d]`` (broadcastable) for a pure additive slot.
+    """
+    b, w, bias, wp, v, ut = t.slot_views(slot)
+    if t.wp.dtype != torch.float32:
+        b, w, bias, wp, v, ut = (view.float() for view in (b, w, bias, wp, v, ut))
+    if not t.lowrank[slot]:
+        delta = v
+    elif t.codes[slot] == 0:                         # linear: P is folded into W (slot_tables)
+        delta = torch.addmm(v, torch.addmm(b, x, w), ut)
+    else:
+        ap = torch.addmm(bias, x, wp)                # [A, 2R]
+        delta = torch.addmm(v, _ACT_FNS[t.codes[slot]](ap[:, :t.max_rank]) - ap[:, t.max_rank:], ut)
+    if t.has_z[slot]:
+        delta = torch.addcmul(delta, x, t.z[slot].float(), value=-1.0)
+    return delta
 
 
 def _gathered(x: torch.Tensor, slots_np: np.ndarray, slots: torch.Tensor, t: SlotTables) -> torch.Tensor:
