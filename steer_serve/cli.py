@@ -32,6 +32,10 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-interventions-per-request", type=int, default=4, help="interventions one request may combine")
     p.add_argument("--intervention-components", nargs="+", default=list(COMPONENTS), choices=COMPONENTS,
                    help="components whose layers get slot tables")
+    p.add_argument("--max-loras", type=int, default=0,
+                   help="weight-space adapters (PEFT LoRA, GIFT) served in one batch; 0 disables them")
+    p.add_argument("--max-lora-rank", type=int, default=16, choices=(8, 16, 32, 64, 128, 256),
+                   help="largest LoRA rank (vLLM's --max-lora-rank)")
     p.add_argument("--interventions", nargs="*", default=[], metavar="NAME=PATH",
                    help="preload interventions (trusted operator paths)")
     p.add_argument("--intervention-positions", default=None, help="positions for preloaded pyreft dirs (e.g. l1)")
@@ -48,6 +52,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024, help="largest JSON request body")
     p.add_argument("--max-upload-bytes", type=int, default=64 * 1024 * 1024, help="largest uploaded weight file")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser requests from this origin (repeatable; '*' for any); CORS is off without it")
 
 
 def _serve(args) -> None:
@@ -66,7 +72,7 @@ def _serve(args) -> None:
         model=resolve_model(args.model), served_model_name=args.served_model_name, dtype=args.dtype,
         enforce_eager=args.enforce_eager, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
-        kv_cache_gb=args.kv_cache_gb, seed=args.seed,
+        kv_cache_gb=args.kv_cache_gb, seed=args.seed, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
         steer=SteerConfig(num_slots=args.max_interventions, max_rank=args.max_rank,
                           max_columns=args.max_interventions_per_request,
                           components=tuple(args.intervention_components)))
@@ -75,7 +81,7 @@ def _serve(args) -> None:
         preload_positions=args.intervention_positions, api_key=args.api_key, admin_api_key=args.admin_api_key,
         allow_hub=not args.no_hub, registry_dir=args.registry_dir, max_tokens_limit=args.max_tokens_limit,
         max_concurrent_requests=args.max_concurrent_requests, max_body_bytes=args.max_body_bytes,
-        max_upload_bytes=args.max_upload_bytes, drain_timeout=args.drain_timeout)
+        max_upload_bytes=args.max_upload_bytes, cors_origins=args.cors_origin, drain_timeout=args.drain_timeout)
     asyncio.run(serve(engine_settings, settings))
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from steer_serve.engine.config import RequestSteering
+from steer_serve.formats.adapters import WeightAdapter, load_weight_adapter
 from steer_serve.interventions import edit_config, get_family
 from steer_serve.interventions.base import Intervention, LowRankEdit
 from steer_serve.interventions.positions import parse_positions
@@ -39,10 +40,10 @@ class RegistryError(Exception):
 
 @dataclass(eq=False)  # identity semantics: entries are hashed into sets of pinned interventions
 class Entry:
-    """One registered intervention."""
+    """One registered intervention, or weight-space adapter (``adapter`` set, ``intervention`` None)."""
 
     id: str
-    intervention: Intervention
+    intervention: Intervention | None
     site_edits: dict[tuple[int, str], LowRankEdit]
     content_hash: str
     source: str
@@ -52,14 +53,20 @@ class Entry:
     refcount: int = 0
     last_used: float = 0.0
     deleting: bool = False
+    adapter: WeightAdapter | None = None
+    lora_id: int = 0            # vLLM's LoRA int id (unique per registered adapter content)
 
     @property
     def positions(self) -> str:
-        return self.intervention.positions
+        return self.intervention.positions if self.intervention else "all"
 
     @property
     def scale(self) -> float:
-        return self.intervention.scale
+        return self.intervention.scale if self.intervention else 1.0
+
+    @property
+    def kind(self) -> str:
+        return "adapter" if self.adapter else "intervention"
 
 
 @dataclass
@@ -69,6 +76,7 @@ class Lease:
     entries: list[Entry]
     steering: RequestSteering
     cache_salt: str | None
+    lora: tuple[str, int, str] | None = None   # (name, vLLM int id, PEFT dir) of the weight-space adapter
 
 
 def compile_site_edits(iv: Intervention, *, value_width: int, num_heads: int) -> dict[tuple[int, str], LowRankEdit]:
@@ -120,6 +128,10 @@ class InterventionRegistry:
         self.hidden_size = int(geometry.get("hidden_size", 0))
         self.value_width = int(geometry.get("value_width", 0))
         self.num_heads = int(geometry.get("num_heads", 1))
+        self.max_loras = int(engine.settings.max_loras)
+        self.max_lora_rank = int(engine.settings.max_lora_rank)
+        self._lora_ids = 0
+        self._adapters_dir: Path | None = None
         self.entries: dict[str, Entry] = {}
         self.slot_owner: dict[int, str] = {}
         self.persist_dir = persist_dir
@@ -156,13 +168,8 @@ class InterventionRegistry:
         """Add (or with ``replace``, swap in) an intervention; persists the registry."""
         sites = self.check_geometry(iv)
         async with self._changed:
+            self._check_replaceable(intervention_id, replace)
             old = self.entries.get(intervention_id)
-            if old is not None and not replace:
-                raise RegistryError(f"intervention {intervention_id!r} already exists", status=409,
-                                    code="conflict", param="id")
-            if old is not None and old.refcount:
-                raise RegistryError(f"intervention {intervention_id!r} is in use by {old.refcount} request(s)",
-                                    status=409, code="conflict", param="id")
             entry = Entry(intervention_id, iv, sites, content_hash(sites), source, format)
             if old is not None:
                 await self._unload(old)
@@ -171,10 +178,40 @@ class InterventionRegistry:
             self._changed.notify_all()
         return entry
 
+    async def register_adapter(self, intervention_id: str, adapter: WeightAdapter, *, source: str,
+                               replace: bool = False) -> Entry:
+        """Add a weight-space adapter (PEFT LoRA / GIFT), served through vLLM's LoRA slots."""
+        if not self.max_loras:
+            raise RegistryError("this server serves no weight-space adapters; start it with --max-loras N",
+                                param="source")
+        async with self._changed:
+            self._check_replaceable(intervention_id, replace)
+            self._lora_ids += 1
+            entry = Entry(intervention_id, None, {}, adapter.content_hash, source, adapter.source_format,
+                          adapter=adapter, lora_id=self._lora_ids)
+            old = self.entries.get(intervention_id)
+            if old is not None:
+                await self._unload(old)
+            self.entries[intervention_id] = entry
+            self._persist()
+            self._changed.notify_all()
+        return entry
+
+    def _check_replaceable(self, intervention_id: str, replace: bool) -> None:
+        old = self.entries.get(intervention_id)
+        if old is not None and not replace:
+            raise RegistryError(f"intervention {intervention_id!r} already exists", status=409,
+                                code="conflict", param="id")
+        if old is not None and old.refcount:
+            raise RegistryError(f"intervention {intervention_id!r} is in use by {old.refcount} request(s)",
+                                status=409, code="conflict", param="id")
+
     async def update_defaults(self, intervention_id: str, *, scale: float | None = None,
                               positions: str | None = None) -> Entry:
         """PATCH: change the default scale/positions (takes effect for new requests)."""
         entry = self.get(intervention_id)
+        if entry.adapter is not None:
+            raise RegistryError(f"{intervention_id!r} is a weight-space adapter: it has no scale or positions")
         if positions is not None:
             parse_positions(positions)
             entry.intervention.positions = positions
@@ -211,23 +248,32 @@ class InterventionRegistry:
 
     # ----- slot pool ----------------------------------------------------------------------
     async def acquire(self, requested: list[tuple[str, float | None, str | None]]) -> Lease:
-        """Pin each (id, scale, positions) into a slot; waits while every slot is busy."""
-        if len(requested) > self.max_columns:
+        """Pin each (id, scale, positions) into a slot; waits while every slot is busy.
+
+        At most one of the ids may be a weight-space adapter; it rides on vLLM's own LoRA slots.
+        """
+        named = [(self.get(i), scale, positions) for i, scale, positions in requested]
+        adapters = list(dict.fromkeys(e for e, _, _ in named if e.adapter))
+        if len(adapters) > 1:
+            raise RegistryError("a request may use at most one weight-space adapter (PEFT LoRA / GIFT)",
+                                param="interventions")
+        named = [item for item in named if not item[0].adapter]
+        if len(named) > self.max_columns:
             raise RegistryError(f"a request may combine at most {self.max_columns} interventions",
                                 param="interventions")
-        entries = [self.get(i) for i, _, _ in requested]
+        entries = [e for e, _, _ in named]
         distinct = {e.id for e in entries}
         if len(distinct) > self.num_slots:
             raise RegistryError(f"a request names {len(distinct)} distinct interventions but the server has "
                                 f"{self.num_slots} slots", param="interventions")
         steering = RequestSteering()
-        for entry, (_, scale, positions) in zip(entries, requested):
+        for entry, scale, positions in named:
             steering.slots.append(0)
             steering.scales.append(entry.scale if scale is None else float(scale))
             pos = entry.positions if positions is None else positions
             parse_positions(pos)
             steering.positions.append(pos)
-        unique = list(dict.fromkeys(entries))
+        unique = list(dict.fromkeys(entries + adapters))
         async with self._changed:
             for entry in unique:
                 entry.refcount += 1  # pinned from now on: never chosen for eviction
@@ -235,7 +281,7 @@ class InterventionRegistry:
                 # Load all missing ones at once or none (waiting), so two requests can never each
                 # hold half of the slots the other needs.
                 while True:
-                    missing = [e for e in unique if e.slot is None]
+                    missing = [e for e in unique if e.slot is None and not e.adapter]
                     gone = next((e for e in unique if e.deleting), None)
                     if gone is not None:
                         raise RegistryError(f"The intervention `{gone.id}` does not exist.", status=404,
@@ -254,10 +300,11 @@ class InterventionRegistry:
             for entry in unique:
                 entry.last_used = now
         steering.slots = [e.slot for e in entries]
-        salt_source = json.dumps([[e.content_hash, s, p] for e, s, p in
-                                  zip(entries, steering.scales, steering.positions)])
+        salt_source = json.dumps([[e.content_hash for e in adapters]] + [
+            [e.content_hash, s, p] for e, s, p in zip(entries, steering.scales, steering.positions)])
         salt = hashlib.sha256(salt_source.encode()).hexdigest()[:32]
-        return Lease(entries, steering, salt)
+        lora = (adapters[0].id, adapters[0].lora_id, str(adapters[0].adapter.path)) if adapters else None
+        return Lease(unique, steering, salt, lora)
 
     async def release(self, lease: Lease) -> None:
         async with self._changed:
@@ -317,16 +364,26 @@ class InterventionRegistry:
         records = []
         for entry in self.entries.values():
             target = weights_dir / entry.content_hash
-            if not target.exists():
+            if entry.intervention is not None and not target.exists():
                 save_native(entry.intervention, target)
-            records.append({"id": entry.id, "source": entry.source, "format": entry.format,
+            records.append({"id": entry.id, "kind": entry.kind, "source": entry.source, "format": entry.format,
                             "created": entry.created, "weights": entry.content_hash,
                             "positions": entry.positions, "scale": entry.scale})
         _atomic_write_json(self.persist_dir / "registry.json", {"version": 1, "interventions": records})
         live = {r["weights"] for r in records}
-        for stale in weights_dir.iterdir():
-            if stale.name not in live:
-                shutil.rmtree(stale, ignore_errors=True)
+        for directory in (weights_dir, self.adapters_dir):
+            for stale in directory.iterdir():
+                if stale.name not in live and not stale.name.startswith("."):
+                    shutil.rmtree(stale, ignore_errors=True)
+
+    @property
+    def adapters_dir(self) -> Path:
+        """Where the server keeps its own copies of weight-space adapters (PEFT LoRA dirs)."""
+        if self._adapters_dir is None:
+            root = self.persist_dir or Path(tempfile.mkdtemp(prefix="steer-adapters-"))
+            self._adapters_dir = root / "adapters"
+            self._adapters_dir.mkdir(parents=True, exist_ok=True)
+        return self._adapters_dir
 
     async def restore(self) -> list[str]:
         """Re-register what the persisted registry holds; returns the ids restored."""
@@ -338,10 +395,18 @@ class InterventionRegistry:
         restored = []
         for record in data.get("interventions", []):
             try:
-                iv = read_native(self.persist_dir / "weights" / record["weights"])
-                iv.positions, iv.scale = record["positions"], record["scale"]
-                entry = await self.register(record["id"], iv, source=record["source"], format=record["format"],
-                                            replace=True)
+                if record.get("kind") == "adapter":
+                    adapter = load_weight_adapter(self.adapters_dir / record["weights"], self.adapters_dir,
+                                                  base_model_dir=self.engine.settings.model,
+                                                  max_rank=self.max_lora_rank)
+                    adapter.source_format = record["format"]
+                    entry = await self.register_adapter(record["id"], adapter, source=record["source"],
+                                                        replace=True)
+                else:
+                    iv = read_native(self.persist_dir / "weights" / record["weights"])
+                    iv.positions, iv.scale = record["positions"], record["scale"]
+                    entry = await self.register(record["id"], iv, source=record["source"],
+                                                format=record["format"], replace=True)
                 entry.created = record.get("created", entry.created)
                 restored.append(record["id"])
             except Exception as exc:  # a broken record must not stop the server from starting

@@ -6,7 +6,7 @@ import json
 import httpx
 import pytest
 
-from live_server import FIXTURES, ServerProcess
+from live_server import FIXTURES, FIXTURES_LORA, ServerProcess
 
 
 @pytest.fixture(scope="session")
@@ -22,10 +22,11 @@ def server(tmp_path_factory, intervention_dir):
 
 @pytest.fixture(scope="session")
 def small_server(tmp_path_factory, intervention_dir):
-    """A constrained server: 2 slots, 32-token steps (chunked prefill), 16 sequences."""
+    """A constrained server: 2 slots, 32-token steps (chunked prefill), 16 sequences, 2 LoRA slots."""
     root = tmp_path_factory.mktemp("small_server")
     proc = ServerProcess("--allowed-intervention-dir", str(FIXTURES), "--allowed-intervention-dir",
-                         str(intervention_dir), "--max-interventions", "2",
+                         str(intervention_dir), "--allowed-intervention-dir", str(FIXTURES_LORA),
+                         "--max-loras", "2", "--max-interventions", "2",
                          "--max-num-batched-tokens", "32", "--max-num-seqs", "16", "--max-model-len", "512",
                          registry_dir=root / "registry", log_path=root / "server.log").start()
     yield proc
@@ -46,3 +47,23 @@ def generation_fixture(name: str) -> dict:
 def intervention_dir(tmp_path_factory):
     """An allowed directory the tests write native interventions into."""
     return tmp_path_factory.mktemp("interventions")
+
+
+USER_KEY, ADMIN_KEY = "user-key", "admin-key"
+
+
+@pytest.fixture(scope="session")
+def guarded_server(tmp_path_factory, intervention_dir):
+    """The one server with special flags (all such tests share it): API and admin keys, tiny limits
+    (2 concurrent requests, 64 KiB bodies, 256 KiB uploads, 16 max_tokens), 4 slots, no hub, CORS for
+    one origin. Tests may stop and start it again (same port and registry dir)."""
+    root = tmp_path_factory.mktemp("guarded_server")
+    proc = ServerProcess("--allowed-intervention-dir", str(FIXTURES), "--allowed-intervention-dir",
+                         str(intervention_dir), "--api-key", USER_KEY, "--admin-api-key", ADMIN_KEY,
+                         "--max-concurrent-requests", "2", "--max-body-bytes", "65536",
+                         "--max-upload-bytes", "262144", "--max-tokens-limit", "16", "--max-interventions", "4",
+                         "--max-model-len", "512", "--no-hub", "--cors-origin", "http://allowed.example",
+                         "--kv-cache-gb", "1", "--drain-timeout", "60",
+                         registry_dir=root / "registry", log_path=root / "server.log").start()
+    yield proc
+    proc.stop()

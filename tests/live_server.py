@@ -13,6 +13,7 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures" / "data"
+FIXTURES_LORA = REPO / "tests" / "fixtures" / "data_lora"
 
 
 def free_port() -> int:

@@ -40,21 +40,26 @@ def resolve_interventions(body: SteeringFields, model: str | None, state) -> lis
 
 
 def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None, stream: bool) -> SamplingParams:
+    """vLLM sampling parameters for ``body``; combinations vLLM refuses become a 400."""
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
-    return SamplingParams(
-        n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
-        stop=stop, max_tokens=max_tokens, min_tokens=min(body.min_tokens, max_tokens),
-        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-        ignore_eos=body.ignore_eos, logprobs=logprobs,
-        output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
-    )
+    try:
+        return SamplingParams(
+            n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
+            stop=stop, max_tokens=max_tokens, min_tokens=min(body.min_tokens, max_tokens),
+            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+            ignore_eos=body.ignore_eos, logprobs=logprobs,
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+        )
+    except ValueError as exc:
+        raise APIError(400, f"invalid sampling parameters: {exc}", code="invalid_value") from None
 
 
-def max_new_tokens(requested: int | None, prompt_len: int, state) -> int:
+def max_new_tokens(requested: int | None, prompt_len: int, state, prompt_field: str = "messages") -> int:
+    """The request's token budget, checked against the server's limit and the context length."""
     room = state.max_model_len - prompt_len
     if room < 1:
         raise APIError(400, f"This model's maximum context length is {state.max_model_len} tokens; the prompt has "
-                       f"{prompt_len}.", code="context_length_exceeded", param="messages")
+                       f"{prompt_len}.", code="context_length_exceeded", param=prompt_field)
     if requested is None:
         return min(room, state.default_max_tokens)
     if requested > state.max_tokens_limit:
@@ -72,7 +77,7 @@ def completion_prompts(body: CompletionRequest, tokenizer, vocab_size: int) -> l
     prompts = []
     for item in items:
         if isinstance(item, str):
-            prompts.append(Prompt(tokenizer(item).input_ids, item))
+            prompts.append(Prompt(_tokenize(tokenizer, item, True), item))
         else:
             if any((not isinstance(t, int)) or t < 0 or t >= vocab_size for t in item):
                 raise APIError(400, f"prompt token ids must be integers in [0, {vocab_size})", param="prompt",
@@ -90,7 +95,21 @@ def chat_prompt(body: ChatCompletionRequest, tokenizer) -> Prompt:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as exc:  # jinja errors from the model's template
         raise APIError(400, f"could not apply the chat template: {exc}", param="messages") from None
-    return Prompt(tokenizer(text, add_special_tokens=False).input_ids, text)
+    return Prompt(_tokenize(tokenizer, text, False), text)
+
+
+def _tokenize(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, "text is not valid Unicode (lone surrogate escapes)", param="prompt",
+                       code="invalid_value") from None
+    return tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+
+
+def _finite(logprob: float) -> float:
+    """-inf (a token the sampler ruled out) as vLLM's OpenAI server writes it: JSON has no infinity."""
+    return max(logprob, -9999.0)
 
 
 def completion_logprobs(output, tokenizer, text_offset_start: int = 0) -> dict | None:
@@ -102,8 +121,8 @@ def completion_logprobs(output, tokenizer, text_offset_start: int = 0) -> dict |
         chosen = candidates.get(token_id)
         token = chosen.decoded_token if chosen and chosen.decoded_token is not None else tokenizer.decode([token_id])
         tokens.append(token)
-        token_logprobs.append(chosen.logprob if chosen else None)
-        top.append({(c.decoded_token if c.decoded_token is not None else tokenizer.decode([t])): c.logprob
+        token_logprobs.append(_finite(chosen.logprob) if chosen else None)
+        top.append({(c.decoded_token if c.decoded_token is not None else tokenizer.decode([t])): _finite(c.logprob)
                     for t, c in candidates.items()})
         offsets.append(offset)
         offset += len(token)
@@ -117,7 +136,7 @@ def chat_logprobs(output, tokenizer, top_n: int) -> dict | None:
     for token_id, candidates in zip(output.token_ids, output.logprobs):
         def entry(tid, lp):
             token = lp.decoded_token if lp.decoded_token is not None else tokenizer.decode([tid])
-            return {"token": token, "logprob": lp.logprob, "bytes": list(token.encode())}
+            return {"token": token, "logprob": _finite(lp.logprob), "bytes": list(token.encode("utf-8", "replace"))}
         chosen = candidates.get(token_id)
         item = entry(token_id, chosen) if chosen else {"token": tokenizer.decode([token_id]), "logprob": None, "bytes": None}
         ranked = sorted(candidates.items(), key=lambda kv: kv[1].rank or 0)
@@ -134,17 +153,19 @@ class GenerationRun:
         self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.request_ids = [f"{self.id}-{i}" for i in range(len(prompts))]
+        self.finished = False  # set once its lease and concurrency place are given back
 
     async def stream(self) -> AsyncIterator[tuple[int, object]]:
         """Yield (prompt index, RequestOutput) from every prompt's engine request, interleaved."""
         queue: asyncio.Queue = asyncio.Queue()
         steering = self.lease.steering if self.lease else None
         salt = self.lease.cache_salt if self.lease else None
+        lora = self.lease.lora if self.lease else None
 
         async def pump(index: int):
             try:
                 async for out in self.state.engine.generate(self.prompts[index].token_ids, self.params.clone(),
-                                                            self.request_ids[index], steering, salt):
+                                                            self.request_ids[index], steering, salt, lora):
                     await queue.put((index, out))
             except BaseException as exc:  # surfaced to the consumer, for this request only
                 await queue.put((index, exc))

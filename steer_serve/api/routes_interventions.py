@@ -7,26 +7,30 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
+from steer_serve.api import openapi_docs as docs
 from steer_serve.api.auth import require_admin_key, require_api_key
 from steer_serve.api.errors import APIError
 from steer_serve.api.schemas import InterventionCreate, InterventionPatch
-from steer_serve.formats import describe_intervention, load_intervention
+from steer_serve.formats import describe_intervention, load_intervention, locate_source
+from steer_serve.formats.adapters import adapter_format, load_weight_adapter
 from steer_serve.formats.native import read_native
 from steer_serve.formats.validation import validate_intervention
 
-router = APIRouter(prefix="/v1/interventions", tags=["interventions"])
+router = APIRouter(prefix="/v1/interventions", tags=["interventions"], responses=docs.errors(401, 500))
+_ONE = docs.ok(docs.InterventionObject, docs.INTERVENTION_EXAMPLE)
 
 
 def describe_entry(state, entry) -> dict:
-    """What GET returns for one intervention."""
-    return {"id": entry.id, "object": "intervention", "created": entry.created, "source": entry.source,
-            "format": entry.format, "base_model": state.served_model_name,
-            "status": "loaded" if entry.slot is not None else "cached", "slot": entry.slot,
-            "in_flight": entry.refcount, "content_hash": entry.content_hash,
-            **describe_intervention(entry.intervention)}
+    """What GET returns for one intervention (or weight-space adapter: ``kind`` says which)."""
+    details = entry.adapter.describe() if entry.adapter else describe_intervention(entry.intervention)
+    status = "adapter" if entry.adapter else ("loaded" if entry.slot is not None else "cached")
+    return {"id": entry.id, "object": "intervention", "kind": entry.kind, "created": entry.created,
+            "source": entry.source, "format": entry.format, "base_model": state.served_model_name,
+            "status": status, "slot": entry.slot, "in_flight": entry.refcount, "content_hash": entry.content_hash,
+            **details}
 
 
 def _limits(state) -> dict:
@@ -41,14 +45,27 @@ def _reader_hints(state) -> dict:
 
 @router.post("", status_code=201, dependencies=[Depends(require_admin_key)],
              summary="Register an intervention (JSON body with a source, or multipart upload of native files)",
+             description="`source` is a directory inside `--allowed-intervention-dir` (symlinks resolved, `..` "
+                         "refused), or a hub id `org/name[@revision]`; or upload `intervention.json` + "
+                         "`weights.safetensors` as multipart/form-data. Pickled weights are only read with "
+                         "`torch.load(weights_only=True)`. The registry persists across restarts.",
+             responses={**docs.ok(docs.InterventionObject, docs.INTERVENTION_EXAMPLE, "Registered", status=201),
+                        **docs.errors(400, 403, 409, 413)},
              openapi_extra={"requestBody": {"content": {
                  "application/json": {"schema": {"$ref": "#/components/schemas/InterventionCreate"}},
                  "multipart/form-data": {"schema": {"type": "object", "required": ["id", "intervention.json",
                                                                                    "weights.safetensors"],
                                                     "properties": {
-                     "id": {"type": "string"}, "positions": {"type": "string"}, "scale": {"type": "number"},
-                     "intervention.json": {"type": "string", "format": "binary"},
-                     "weights.safetensors": {"type": "string", "format": "binary"}}}}}}})
+                     "id": {"type": "string", "description": "the id requests will use"},
+                     "positions": {"type": "string", "description": "default positions (overrides the file's)"},
+                     "scale": {"type": "number", "description": "default scale (overrides the file's)"},
+                     "replace": {"type": "boolean", "description": "swap out an existing id"},
+                     "intervention.json": {"type": "string", "format": "binary",
+                                           "description": "native metadata file"},
+                     "weights.safetensors": {"type": "string", "format": "binary",
+                                             "description": "native weights file (at most --max-upload-bytes)"}}},
+                     "encoding": {"intervention.json": {"contentType": "application/json"},
+                                  "weights.safetensors": {"contentType": "application/octet-stream"}}}}}})
 async def create_intervention(request: Request):
     state = request.app.state.steer
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -56,8 +73,18 @@ async def create_intervention(request: Request):
     else:
         try:
             body = InterventionCreate.model_validate(json.loads(await request.body() or b"null"))
-        except json.JSONDecodeError as exc:
-            raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise APIError(400, f"request body is not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
+        directory = await asyncio.to_thread(locate_source, body.source, allowed_dirs=state.allowed_dirs,
+                                            allow_hub=state.allow_hub)
+        if adapter_format(directory):
+            if not state.registry.max_loras:
+                raise APIError(400, "this server serves no weight-space adapters (PEFT LoRA / GIFT); start it with "
+                               "--max-loras N", code="adapters_disabled", param="source")
+            adapter = await asyncio.to_thread(load_weight_adapter, directory, state.registry.adapters_dir,
+                                              base_model_dir=state.model_path, max_rank=state.registry.max_lora_rank)
+            entry = await state.registry.register_adapter(body.id, adapter, source=body.source, replace=body.replace)
+            return JSONResponse(describe_entry(state, entry), status_code=201)
         iv = await asyncio.to_thread(
             load_intervention, body.source, format=body.format, allowed_dirs=state.allowed_dirs,
             positions=body.positions, act_fn=body.act_fn, scale=body.scale, allow_hub=state.allow_hub,
@@ -95,21 +122,27 @@ async def _from_upload(request: Request, state):
     return body, iv, "upload", "native"
 
 
-@router.get("", dependencies=[Depends(require_api_key)], summary="List registered interventions")
+@router.get("", dependencies=[Depends(require_api_key)], summary="List registered interventions",
+            responses=docs.ok(docs.InterventionList, {"object": "list", "data": [docs.INTERVENTION_EXAMPLE]}))
 async def list_interventions(request: Request):
     state = request.app.state.steer
     return {"object": "list", "data": [describe_entry(state, e) for e in state.registry.entries.values()
                                        if not e.deleting]}
 
 
-@router.get("/{intervention_id}", dependencies=[Depends(require_api_key)], summary="Describe one intervention")
+@router.get("/{intervention_id}", dependencies=[Depends(require_api_key)], summary="Describe one intervention",
+            description="Family, placements, parameter shapes, base model, status (`loaded` in a device slot or "
+                        "`cached`), requests in flight, created time.",
+            responses={**_ONE, **docs.errors(404)})
 async def get_intervention(intervention_id: str, request: Request):
     state = request.app.state.steer
     return describe_entry(state, state.registry.get(intervention_id))
 
 
 @router.patch("/{intervention_id}", dependencies=[Depends(require_admin_key)],
-              summary="Change an intervention's default scale or positions")
+              summary="Change an intervention's default scale or positions",
+              description="Takes effect for requests admitted afterwards; persisted.",
+              responses={**_ONE, **docs.errors(400, 403, 404)})
 async def patch_intervention(intervention_id: str, body: InterventionPatch, request: Request):
     state = request.app.state.steer
     entry = await state.registry.update_defaults(intervention_id, scale=body.scale, positions=body.positions)
@@ -117,8 +150,13 @@ async def patch_intervention(intervention_id: str, body: InterventionPatch, requ
 
 
 @router.delete("/{intervention_id}", dependencies=[Depends(require_admin_key)],
-               summary="Delete an intervention (409 while in use unless force=true, which waits for it)")
-async def delete_intervention(intervention_id: str, request: Request, force: bool = False):
+               summary="Delete an intervention (409 while in use unless force=true, which waits for it)",
+               description="With `force=true` new requests naming it get 404 at once, the requests already "
+                           "using it finish, then it is deleted (409 if they take longer than 60 s).",
+               responses={**docs.ok(docs.Deleted, {"id": "honest", "object": "intervention", "deleted": True}),
+                          **docs.errors(403, 404, 409)})
+async def delete_intervention(intervention_id: str, request: Request,
+                              force: bool = Query(False, description="wait for in-flight requests, then delete")):
     state = request.app.state.steer
     await state.registry.unregister(intervention_id, force=force)
     return {"id": intervention_id, "object": "intervention", "deleted": True}

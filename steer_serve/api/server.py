@@ -5,6 +5,8 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
+import uvicorn
+
 from steer_serve.api.app import AppState, create_app
 from steer_serve.engine.engine import EngineSettings, SteerEngine
 from steer_serve.model import cache_dir
@@ -31,6 +33,7 @@ class ServerSettings:
     max_body_bytes: int = 2 * 1024 * 1024
     max_upload_bytes: int = 64 * 1024 * 1024
     max_placements: int = 256
+    cors_origins: list[str] = field(default_factory=list)
     drain_timeout: float = 30.0
 
 
@@ -62,21 +65,38 @@ async def build_state(engine: SteerEngine, settings: ServerSettings) -> AppState
         allow_hub=settings.allow_hub, api_key=settings.api_key, admin_api_key=settings.admin_api_key,
         max_tokens_limit=settings.max_tokens_limit, max_concurrent_requests=settings.max_concurrent_requests,
         max_body_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_upload_bytes,
-        max_placements=settings.max_placements,
+        max_placements=settings.max_placements, cors_origins=settings.cors_origins,
         default_max_tokens=min(256, model_config.max_model_len))
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, marking the app not ready (``/ready`` 503) as soon as SIGTERM/SIGINT arrives;
+    uvicorn then stops accepting connections and lets in-flight requests finish (``drain_timeout``)."""
+
+    def __init__(self, config: uvicorn.Config, state: AppState):
+        super().__init__(config)
+        self.app_state = state
+
+    def handle_exit(self, sig, frame) -> None:
+        self.app_state.ready = False
+        super().handle_exit(sig, frame)
 
 
 async def serve(engine_settings: EngineSettings, settings: ServerSettings) -> None:
     """Run until SIGINT/SIGTERM; in-flight requests drain for up to ``drain_timeout`` seconds."""
-    import uvicorn
-
     engine = await SteerEngine.start(engine_settings)
+
+    async def stop_engine() -> None:
+        # runs inside uvicorn's lifespan shutdown, after in-flight requests drained: uvicorn
+        # re-raises SIGTERM once serve() returns, so a `finally` after it would never run.
+        engine.shutdown()
+
     try:
         state = await build_state(engine, settings)
-        app = create_app(state)
+        app = create_app(state, on_shutdown=stop_engine)
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                                 timeout_graceful_shutdown=int(settings.drain_timeout))
-        server = uvicorn.Server(config)
+        server = _DrainingServer(config, state)
         logger.warning("steer-serve ready on http://%s:%d (model %s)", settings.host, settings.port,
                        state.served_model_name)
         await server.serve()

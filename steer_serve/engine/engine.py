@@ -35,6 +35,8 @@ class EngineSettings:
     enable_prefix_caching: bool = True
     kv_cache_gb: int = 4                 # CPU KV cache size (VLLM_CPU_KVCACHE_SPACE)
     seed: int = 0
+    max_loras: int = 0                   # weight-space adapters (PEFT LoRA, GIFT) per batch; 0 = disabled
+    max_lora_rank: int = 16
     steer: SteerConfig = field(default_factory=SteerConfig)
 
 
@@ -78,6 +80,9 @@ class SteerEngine:
             hf_overrides=hf_overrides,
             worker_extension_cls="steer_serve.engine.worker.SteerWorkerExtension",
             disable_log_stats=True,
+            enable_lora=settings.max_loras > 0,
+            max_loras=max(1, settings.max_loras),
+            max_lora_rank=settings.max_lora_rank,
         )
         llm = AsyncLLM.from_engine_args(args)
         geometry = None
@@ -90,8 +95,11 @@ class SteerEngine:
         return self.llm.tokenizer
 
     async def generate(self, prompt_token_ids: list[int], sampling_params, request_id: str,
-                       steering: RequestSteering | None = None, cache_salt: str | None = None) -> AsyncIterator:
-        """Stream ``RequestOutput`` s (cumulative) for one request."""
+                       steering: RequestSteering | None = None, cache_salt: str | None = None,
+                       lora: tuple[str, int, str] | None = None) -> AsyncIterator:
+        """Stream ``RequestOutput`` s for one request; ``lora`` is (name, int id, PEFT dir) or None."""
+        from vllm.lora.request import LoRARequest
+
         if steering is not None and steering.slots:
             if not self.steerable:
                 raise ValueError("this base model does not support interventions")
@@ -99,7 +107,8 @@ class SteerEngine:
         prompt = {"prompt_token_ids": list(prompt_token_ids)}
         if cache_salt:
             prompt["cache_salt"] = cache_salt
-        async for output in self.llm.generate(prompt, sampling_params, request_id):
+        lora_request = LoRARequest(lora[0], lora[1], lora[2]) if lora else None
+        async for output in self.llm.generate(prompt, sampling_params, request_id, lora_request=lora_request):
             yield output
 
     async def abort(self, request_id: str) -> None:

@@ -22,7 +22,7 @@ FORMATS = ("native", "pyreft", "pyvene", "gift")
 _CONFIG_NAMES = (NATIVE_CONFIG, "config.json", "adapter_config.json")
 
 __all__ = ["FORMATS", "InterventionFormatError", "describe_intervention", "detect_format", "load_intervention",
-           "validate_intervention"]
+           "locate_source", "validate_intervention"]
 
 
 def _directory(path: Path) -> Path:
@@ -84,6 +84,11 @@ def _locate(source, allowed_dirs, allow_hub: bool, hub_cache_dir) -> Path:
                                       "disabled on this server", param="source", code="source_not_found")
     repo_id, revision = split_hub_id(text)
     return download_from_hub(repo_id, revision, cache_dir=hub_cache_dir)
+
+
+def locate_source(source: str | os.PathLike, *, allowed_dirs=None, allow_hub: bool = True, hub_cache_dir=None) -> Path:
+    """The local directory behind ``source`` (checked against ``allowed_dirs``; hub ids downloaded)."""
+    return _locate(source, allowed_dirs, allow_hub, hub_cache_dir)
 
 
 def _read(directory: Path, fmt: str, positions, act_fn, hidden_size, head, num_heads) -> Intervention:

@@ -1,0 +1,139 @@
+"""Weight-space adapters (PEFT LoRA directories and GIFT checkpoints), prepared for vLLM's LoRA path.
+
+Both end up as a PEFT LoRA directory the server owns (copied, re-saved as safetensors, checked):
+vLLM's multi-LoRA support serves it per request. GIFT (``W' = W + s·W φᵀ ψ``) becomes the LoRA pair
+``A = ψ``, ``B_l = s·W_l φᵀ`` (see :mod:`.gift`), which needs the base model's weights.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .atomic import write_directory
+from .errors import InterventionFormatError
+from .gift import PEFT_TYPES as GIFT_TYPES
+from .gift import convert_gift_dir
+from .sources import load_safetensors, read_json, safe_torch_load
+
+CONFIG_FILE = "adapter_config.json"
+_UNSUPPORTED_OPTIONS = ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern")
+
+
+@dataclass
+class WeightAdapter:
+    """A servable weight-space adapter: an owned PEFT LoRA directory plus what describes it."""
+
+    path: Path
+    rank: int
+    target_modules: list[str]
+    source_format: str          # "peft_lora" | "gift"
+    content_hash: str
+    num_parameters: int
+
+    def describe(self) -> dict:
+        return {"families": [self.source_format], "rank": self.rank, "target_modules": self.target_modules,
+                "num_parameters": self.num_parameters, "source_format": self.source_format}
+
+
+def adapter_format(directory: Path) -> str | None:
+    """``"peft_lora"`` or ``"gift"`` when ``directory`` holds such an adapter, else None."""
+    config_path = Path(directory) / CONFIG_FILE
+    if not config_path.is_file():
+        return None
+    config = read_json(config_path)
+    peft_type = str(config.get("peft_type", "")).upper() if isinstance(config, dict) else ""
+    if peft_type == "LORA":
+        return "peft_lora"
+    if peft_type in GIFT_TYPES:
+        return "gift"
+    return None
+
+
+def _read_lora_weights(directory: Path) -> dict[str, torch.Tensor]:
+    if (directory / "adapter_model.safetensors").is_file():
+        return load_safetensors(directory / "adapter_model.safetensors")
+    if (directory / "adapter_model.bin").is_file():
+        state = safe_torch_load(directory / "adapter_model.bin")
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise InterventionFormatError("adapter_model.bin must hold a flat dict of tensors",
+                                          param="adapter_model.bin")
+        return state
+    raise InterventionFormatError(f"{directory.name} has {CONFIG_FILE} but no adapter_model.safetensors/.bin",
+                                  param="source", code="missing_file")
+
+
+def _check_lora(config: dict, weights: dict[str, torch.Tensor], max_rank: int) -> int:
+    """Validate a PEFT LoRA config + weights; returns the rank. vLLM checks module shapes on load."""
+    rank = config.get("r")
+    if not isinstance(rank, int) or rank < 1:
+        raise InterventionFormatError(f"adapter_config.json: r must be a positive integer, got {rank!r}", param="r")
+    if rank > max_rank:
+        raise InterventionFormatError(f"LoRA rank {rank} exceeds this server's --max-lora-rank {max_rank}",
+                                      param="r", code="rank_too_large")
+    for option in _UNSUPPORTED_OPTIONS:
+        if config.get(option):
+            raise InterventionFormatError(f"adapter_config.json: {option} is not supported", param=option)
+    if not any("lora_A" in k for k in weights) or not any("lora_B" in k for k in weights):
+        raise InterventionFormatError("the adapter has no lora_A/lora_B weights", param="adapter_model")
+    for key, tensor in weights.items():
+        if not tensor.is_floating_point():
+            raise InterventionFormatError(f"{key} is not a float tensor", param=key)
+        if not torch.isfinite(tensor).all():
+            raise InterventionFormatError(f"{key} holds NaN or Inf", param=key, code="non_finite")
+        if "lora_A" in key and tensor.shape[0] != rank or "lora_B" in key and tensor.shape[-1] != rank:
+            raise InterventionFormatError(f"{key} has shape {tuple(tensor.shape)}, inconsistent with r={rank}",
+                                          param=key)
+    return rank
+
+
+def _hash_dir(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for name in (CONFIG_FILE, "adapter_model.safetensors"):
+        digest.update((directory / name).read_bytes())
+    return digest.hexdigest()[:32]
+
+
+def load_weight_adapter(directory: str | os.PathLike, dest_root: str | os.PathLike, *, base_model_dir: str,
+                        max_rank: int) -> WeightAdapter:
+    """Check a PEFT LoRA or GIFT directory and write the servable copy under ``dest_root``."""
+    directory = Path(directory)
+    fmt = adapter_format(directory)
+    dest_root = Path(dest_root)
+    dest_root.mkdir(parents=True, exist_ok=True)
+    staging = dest_root / f".incoming-{os.getpid()}-{id(directory)}"
+    if fmt == "gift":
+        base = load_file(str(Path(base_model_dir) / "model.safetensors"))
+        convert_gift_dir(directory, staging, base, overwrite=True)
+    elif fmt == "peft_lora":
+        config = read_json(directory / CONFIG_FILE)
+        weights = _read_lora_weights(directory)
+        _check_lora(config, weights, max_rank)
+        clean = {k: v.contiguous() for k, v in weights.items()}
+
+        def fill(tmp: Path) -> None:
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+            save_file(clean, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+        write_directory(staging, fill, overwrite=True)
+    else:
+        raise InterventionFormatError(f"{directory.name} is not a PEFT LoRA or GIFT adapter directory",
+                                      param="source", code="unknown_format")
+    config = read_json(staging / CONFIG_FILE)
+    weights = load_file(str(staging / "adapter_model.safetensors"))
+    rank = _check_lora(config, weights, max_rank)
+    content_hash = _hash_dir(staging)
+    target = dest_root / content_hash
+    if target.exists():  # the same adapter is already stored
+        shutil.rmtree(staging, ignore_errors=True)
+    else:
+        staging.rename(target)
+    targets = config.get("target_modules") or []
+    return WeightAdapter(target, rank, sorted(targets) if isinstance(targets, list) else [str(targets)], fmt,
+                         content_hash, sum(t.numel() for t in weights.values()))
