@@ -44,7 +44,8 @@ def apply_torch(x: torch.Tensor, slots: torch.Tensor, coef: torch.Tensor, tables
         slot, c = int(slots_np[0]), float(coef_np[0])           # one slot, one coef: scalar checks only
         if c == 0 or not tables.used[slot]:
             return base.clone(memory_format=torch.contiguous_format)
-        return torch.add(base.float(), _slot_delta(x.float(), slot, tables), alpha=c).to(base.dtype)
+        out = base.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        return _add_one_slot(out, x.float(), slot, c, tables).to(base.dtype)
     rows = np.flatnonzero((coef_np != 0) & tables.used[slots_np])
     if rows.size == 0:
         return base.clone(memory_format=torch.contiguous_format)
@@ -62,7 +63,7 @@ def _delta(x: torch.Tensor, slots_np: np.ndarray, slots: torch.Tensor, t: SlotTa
     """fp32 ``delta(x)`` (x fp32) for rows whose slots all hold an edit."""
     first = int(slots_np[0])
     if (slots_np == first).all():
-        return _slot_delta(x, first, t)
+        return _add_one_slot(torch.zeros_like(x), x, first, 1.0, t)
     if t.lowrank[slots_np].any():
         delta = _gathered(x, slots_np, slots, t)
     else:
@@ -72,24 +73,22 @@ def _delta(x: torch.Tensor, slots_np: np.ndarray, slots: torch.Tensor, t: SlotTa
     return delta
 
 
-def _slot_delta(x: torch.Tensor, slot: int, t: SlotTables) -> torch.Tensor:
-    """fp32 ``delta(x)`` (x fp32) with every row in ``slot``: plain GEMMs, nothing gathered.
-
-    Returns ``[A, d]``, or ``[d]`` (broadcastable) for a pure additive slot.
-    """
+def _add_one_slot(out: torch.Tensor, x: torch.Tensor, slot: int, c: float, t: SlotTables) -> torch.Tensor:
+    """``out += c·delta(x)`` in place for rows all in ``slot`` (fp32): plain GEMMs, nothing gathered."""
     b, w, bias, wp, v, ut = t.slot_views(slot)
     if t.wp.dtype != torch.float32:
         b, w, bias, wp, v, ut = (view.float() for view in (b, w, bias, wp, v, ut))
-    if not t.lowrank[slot]:
-        delta = v
-    elif t.codes[slot] == 0:                         # linear: P is folded into W (slot_tables)
-        delta = torch.addmm(v, torch.addmm(b, x, w), ut)
-    else:
-        ap = torch.addmm(bias, x, wp)                # [A, 2R]
-        delta = torch.addmm(v, _ACT_FNS[t.codes[slot]](ap[:, :t.max_rank]) - ap[:, t.max_rank:], ut)
+    out.add_(v, alpha=c)
+    if t.lowrank[slot]:
+        if t.codes[slot] == 0:                       # linear: P is folded into W (slot_tables)
+            s = torch.addmm(b, x, w)
+        else:
+            ap = torch.addmm(bias, x, wp)            # [A, 2R]
+            s = _ACT_FNS[t.codes[slot]](ap[:, :t.max_rank]) - ap[:, t.max_rank:]
+        out.addmm_(s, ut, alpha=c)
     if t.has_z[slot]:
-        delta = torch.addcmul(delta, x, t.z[slot].float(), value=-1.0)
-    return delta
+        out.addcmul_(x, t.z[slot].float(), value=-c)
+    return out
 
 
 def _gathered(x: torch.Tensor, slots_np: np.ndarray, slots: torch.Tensor, t: SlotTables) -> torch.Tensor:

@@ -232,6 +232,9 @@ def test_write_pads_rank_and_fills_views():
     assert torch.equal(tables.P[2, :, :2], e.P) and not tables.P[2, :, 2:].any()
     assert torch.equal(tables.U[2, :, :2], e.U) and torch.equal(tables.v[2], e.v) and torch.equal(tables.z[2], e.z)
     assert not tables.P[8].any() and not tables.z[1].any()          # None -> zeros
+    lin = edits[1]                                   # linear slots store W − Pᵀ and P = 0
+    torch.testing.assert_close(tables.W[1], lin.W - lin.P.T)
+    assert not tables.P[1].any()
     assert [int(a) for a in tables.act[1:7]] == list(range(6))
     for field in ("wp", "uv", "z", "act"):
         assert not getattr(tables, field)[0].any()
