@@ -9,22 +9,18 @@ rewriting bodies in middleware and guessing when requests end. The engine undern
 """
 from __future__ import annotations
 
-import json
-import logging
 import time
-import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 
-from steer_serve.api import routes_interventions, routes_openai
-from steer_serve.api.errors import APIError, error_response, install_error_handlers
+from steer_serve.api import openapi_docs, routes_interventions, routes_openai
+from steer_serve.api.errors import APIError, JSONBody, error_response, install_error_handlers
 from steer_serve.api.metrics import Metrics
-from steer_serve.api.schemas import InterventionCreate
-
-access_log = logging.getLogger("steer_serve.access")
+from steer_serve.api.middleware import RequestContext
 
 
 class Limiter:
@@ -65,6 +61,7 @@ class AppState:
     max_body_bytes: int = 2 * 1024 * 1024
     max_upload_bytes: int = 64 * 1024 * 1024
     max_placements: int = 256
+    cors_origins: list[str] = field(default_factory=list)
     started: int = field(default_factory=lambda: int(time.time()))
     ready: bool = True
     metrics: Metrics = field(default_factory=Metrics)
@@ -85,32 +82,26 @@ def create_app(state: AppState, *, on_shutdown=None) -> FastAPI:
         if on_shutdown is not None:
             await on_shutdown()
 
-    app = FastAPI(title="steer-serve", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI-compatible server for many pyreft/pyvene interventions over one base model.")
+    app = FastAPI(title="steer-serve", version="0.1.0", lifespan=lifespan, default_response_class=JSONBody,
+                  description=openapi_docs.DESCRIPTION, openapi_tags=openapi_docs.TAGS)
     app.state.steer = state
     install_error_handlers(app, on_error=state.metrics.error)
     app.include_router(routes_openai.router)
     app.include_router(routes_interventions.router)
 
-    @app.middleware("http")
-    async def limits_and_access_log(request: Request, call_next):
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
-        started = time.perf_counter()
-        length = request.headers.get("content-length")
-        is_upload = request.headers.get("content-type", "").startswith("multipart/form-data")
-        limit = state.max_upload_bytes * 2 if is_upload else state.max_body_bytes
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            state.metrics.error(413)
-            response = error_response(413, f"request body larger than {limit} bytes", code="request_too_large")
-        else:
-            response = await call_next(request)
-        response.headers["x-request-id"] = request_id
-        access_log.info(json.dumps({"request_id": request_id, "method": request.method, "path": request.url.path,
-                                    "status": response.status_code,
-                                    "ms": round(1e3 * (time.perf_counter() - started), 1)}))
-        return response
+    def body_limit(headers) -> int:
+        is_upload = headers.get("content-type", "").startswith("multipart/form-data")
+        return state.max_upload_bytes * 2 + 65536 if is_upload else state.max_body_bytes
 
-    @app.get("/health", tags=["ops"], summary="Liveness: the engine is running")
+    app.add_middleware(RequestContext, limit_for=body_limit, on_error=state.metrics.error)
+    if state.cors_origins:  # off unless --cors-origin is given
+        app.add_middleware(CORSMiddleware, allow_origins=state.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["x-request-id", "retry-after"])
+
+    docs = openapi_docs
+
+    @app.get("/health", tags=["ops"], summary="Liveness: the engine is running",
+             responses={**docs.ok(docs.Health, {"status": "ok"}), **docs.errors(503)})
     async def health():
         try:
             await state.engine.check_health()
@@ -118,26 +109,22 @@ def create_app(state: AppState, *, on_shutdown=None) -> FastAPI:
             return error_response(503, f"engine unhealthy: {exc}", code="engine_dead")
         return {"status": "ok"}
 
-    @app.get("/ready", tags=["ops"], summary="Readiness: accepting requests")
+    @app.get("/ready", tags=["ops"], summary="Readiness: accepting requests (503 while shutting down)",
+             responses={**docs.ok(docs.Ready, {"status": "ready", "in_flight": 3}), **docs.errors(503)})
     async def ready():
         if not state.ready:
             return error_response(503, "shutting down", code="not_ready")
         return {"status": "ready", "in_flight": state.limiter.in_flight}
 
-    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response,
+             responses={200: {"description": "Prometheus text format: requests/tokens per intervention, TTFT and "
+                                             "TPOT histograms, slot pool occupancy, evictions, load latency, "
+                                             "errors by status code",
+                              "content": {"text/plain": {"schema": {"type": "string"},
+                                                         "example": docs.METRICS_EXAMPLE}}}})
     async def metrics():
         return Response(state.metrics.render(state.registry, state.limiter.in_flight),
                         media_type="text/plain; version=0.0.4")
 
-    original_openapi = app.openapi
-
-    def openapi():
-        if app.openapi_schema is None:
-            schema = original_openapi()
-            schema["components"]["schemas"]["InterventionCreate"] = InterventionCreate.model_json_schema(
-                ref_template="#/components/schemas/{model}")
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi
+    openapi_docs.install(app)
     return app

@@ -1,11 +1,13 @@
 """OpenAI-style errors: every failure is ``{"error": {"message", "type", "param", "code"}}``."""
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
@@ -13,6 +15,14 @@ logger = logging.getLogger(__name__)
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 409: "conflict_error", 413: "request_too_large", 422: "invalid_request_error",
           429: "rate_limit_error", 503: "service_unavailable"}
+_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+class JSONBody(JSONResponse):
+    """JSON with non-ASCII escaped: bodies echoing client text (lone surrogates included) always encode."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 class APIError(Exception):
@@ -24,7 +34,15 @@ class APIError(Exception):
         self.status, self.message, self.code, self.param, self.headers = status, message, code, param, headers
 
 
+class BodyTooLarge(StarletteHTTPException):
+    """Raised while a request body is read, once it passes the server's limit (also for chunked bodies)."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body larger than {limit} bytes")
+
+
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
+    """The OpenAI error object for ``status`` (``type`` derived from the status)."""
     return {"error": {"message": message, "type": _TYPES.get(status, "server_error" if status >= 500 else
                                                               "invalid_request_error"),
                       "param": param, "code": code}}
@@ -32,7 +50,16 @@ def error_body(status: int, message: str, code: str | None = None, param: str | 
 
 def error_response(status: int, message: str, *, code: str | None = None, param: str | None = None,
                    headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
+    """An OpenAI error body as a response."""
+    return JSONBody(error_body(status, message, code, param), status_code=status, headers=headers)
+
+
+def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+                        for e in errors[:5])
+    return message or "invalid request", ".".join(loc) or None
 
 
 def install_error_handlers(app: FastAPI, on_error=lambda status: None) -> None:
@@ -56,20 +83,17 @@ def install_error_handlers(app: FastAPI, on_error=lambda status: None) -> None:
         return error_response(400, str(exc), code=exc.code, param=exc.param or "source")
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError):
+    @app.exception_handler(ValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError | ValidationError):
         on_error(400)
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
-                            for e in errors[:5])
-        return error_response(400, message or "invalid request", code="invalid_request",
-                              param=".".join(loc) or None)
+        message, param = _validation_message(exc.errors())
+        return error_response(400, message, code="invalid_request", param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         on_error(exc.status_code)
-        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+        return error_response(exc.status_code, str(exc.detail), code=_CODES.get(exc.status_code),
+                              headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -2,22 +2,51 @@
 from __future__ import annotations
 
 import time
+from contextlib import aclosing
 
+import anyio
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
+from steer_serve.api import openapi_docs as docs
 from steer_serve.api.auth import require_api_key
-from steer_serve.api.errors import APIError, error_body
+from steer_serve.api.errors import APIError, JSONBody, error_body
 from steer_serve.api.generation import (
     GenerationRun, chat_logprobs, chat_prompt, completion_logprobs, completion_prompts, max_new_tokens,
     resolve_interventions, sampling_params, sse,
 )
 from steer_serve.api.schemas import ChatCompletionRequest, CompletionRequest
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"],
+                   responses=docs.errors(401, 500))
+_GENERATION_ERRORS = docs.errors(400, 404, 413, 429)
 
 
-@router.get("/models", summary="List the base model and every registered intervention")
+class GuardedStream(StreamingResponse):
+    """An SSE response whose ``on_close`` always runs once it ends: finished, failed, or client gone.
+
+    Starlette cancels a streaming response when the client disconnects (and never iterates the
+    body if the client left before the first byte); the cleanup here is shielded from that
+    cancellation, so the engine request is aborted and the slot pins are given back every time.
+    """
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+                await self.on_close()
+
+
+@router.get("/models", summary="List the base model and every registered intervention",
+            description="Interventions are listed with `parent` = the base model, so `model: \"<intervention id>\"` "
+                        "works like a vLLM LoRA name.",
+            responses=docs.ok(docs.ModelList, docs.MODELS_EXAMPLE))
 async def list_models(request: Request):
     state = request.app.state.steer
     created = state.started
@@ -29,16 +58,25 @@ async def list_models(request: Request):
     return {"object": "list", "data": data}
 
 
-@router.post("/completions", summary="OpenAI completions, optionally with interventions")
+@router.post("/completions", summary="OpenAI completions, optionally with interventions",
+             description="OpenAI's completions API plus `intervention`, `interventions`, `intervention_scale`, "
+                         "`intervention_positions` and `return_token_ids` (send them with the OpenAI SDK through "
+                         "`extra_body`). With `stream: true` the answer is a server-sent event stream.",
+             responses={**docs.ok(docs.Completion, docs.COMPLETION_EXAMPLE,
+                                  stream_example=docs.COMPLETION_STREAM_EXAMPLE), **_GENERATION_ERRORS})
 async def completions(body: CompletionRequest, request: Request):
     state = request.app.state.steer
     prompts = completion_prompts(body, state.tokenizer, state.vocab_size)
-    max_tokens = max(max_new_tokens(body.max_tokens, len(p.token_ids), state) for p in prompts)
+    max_tokens = max(max_new_tokens(body.max_tokens, len(p.token_ids), state, "prompt") for p in prompts)
     params = sampling_params(body, max_tokens, body.logprobs, body.stream)
     return await _serve(request, body, prompts, params, "text_completion")
 
 
-@router.post("/chat/completions", summary="OpenAI chat completions, optionally with interventions")
+@router.post("/chat/completions", summary="OpenAI chat completions, optionally with interventions",
+             description="OpenAI's chat completions API (the model's chat template) plus the intervention fields; "
+                         "`stream_options.include_usage` adds a final chunk with `usage`.",
+             responses={**docs.ok(docs.ChatCompletion, docs.CHAT_EXAMPLE, stream_example=docs.CHAT_STREAM_EXAMPLE),
+                        **_GENERATION_ERRORS})
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = request.app.state.steer
     prompt = chat_prompt(body, state.tokenizer)
@@ -53,8 +91,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
 async def _serve(request: Request, body, prompts, params, kind: str):
     state = request.app.state.steer
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options",
+                       code="invalid_value")
     requested = resolve_interventions(body, body.model, state)
     ids = [i for i, _, _ in requested] or [None]
+    labels = ",".join(i for i in ids if i) or "none"
+    request.state.user, request.state.interventions, request.state.stream = body.user, labels, body.stream
     state.limiter.enter()  # 429 when the server is full
     try:
         lease = await state.registry.acquire(requested) if requested else None
@@ -62,50 +105,64 @@ async def _serve(request: Request, body, prompts, params, kind: str):
         state.limiter.leave()
         raise
     run = GenerationRun(state, prompts, params, lease, "chat" if kind == "chat" else "completion")
-    labels = ",".join(i for i in ids if i) or "none"
     state.metrics.request_started(labels)
     if body.stream:
-        return StreamingResponse(_stream(state, run, body, kind, labels), media_type="text/event-stream")
+        return GuardedStream(_stream(state, run, body, kind, labels), lambda: _finish(state, run),
+                             media_type="text/event-stream")
     try:
-        return JSONResponse(await _collect(state, run, body, kind, labels))
+        return JSONBody(await _collect(state, run, body, kind, labels))
     finally:
         await _finish(state, run)
 
 
 async def _finish(state, run: GenerationRun) -> None:
     """Give back the request's slot pins and its place in the concurrency limit (exactly once)."""
+    if run.finished:
+        return
+    run.finished = True
     if run.lease is not None:
         await state.registry.release(run.lease)
         run.lease = None
     state.limiter.leave()
 
 
-def _choice_extras(body, prompt, output) -> dict:
-    return {"token_ids": list(output.token_ids), "prompt_token_ids": prompt.token_ids} if body.return_token_ids else {}
+def _choice(state, body, kind: str, choice_index: int, prompt, output, *, first_chunk: bool | None = None) -> dict:
+    """One choice of a response (``first_chunk`` set: of a stream chunk, whose text is a delta)."""
+    streaming = first_chunk is not None
+    logprobs = (chat_logprobs(output, state.tokenizer, body.top_logprobs or 0) if kind == "chat"
+                else completion_logprobs(output, state.tokenizer))
+    if kind == "chat":
+        if streaming:
+            message = {"delta": {"role": "assistant", "content": output.text} if first_chunk else {"content": output.text}}
+        else:
+            message = {"message": {"role": "assistant", "content": output.text}}
+        choice = {"index": choice_index, **message, "logprobs": logprobs, "finish_reason": output.finish_reason}
+    else:
+        text = output.text
+        if body.echo and not streaming:
+            text = (prompt.text or state.tokenizer.decode(prompt.token_ids)) + text
+        choice = {"index": choice_index, "text": text, "logprobs": logprobs,
+                  "finish_reason": output.finish_reason, "stop_reason": output.stop_reason}
+    if body.return_token_ids:
+        choice["token_ids"] = list(output.token_ids)
+        if not streaming or first_chunk:
+            choice["prompt_token_ids"] = prompt.token_ids
+    return choice
 
 
 async def _collect(state, run: GenerationRun, body, kind: str, labels: str) -> dict:
     choices, completion_tokens, cached_tokens = {}, 0, 0
     started = time.perf_counter()
     first_token = None
-    async for index, result in run.stream():
-        cached_tokens += result.num_cached_tokens or 0
-        for output in result.outputs:
-            if first_token is None and output.token_ids:
-                first_token = time.perf_counter()
-            choice_index = index * body.n + output.index
-            prompt = run.prompts[index]
-            completion_tokens += len(output.token_ids)
-            if kind == "chat":
-                choice = {"index": choice_index, "message": {"role": "assistant", "content": output.text},
-                          "logprobs": chat_logprobs(output, state.tokenizer, body.top_logprobs or 0),
-                          "finish_reason": output.finish_reason}
-            else:
-                text = (prompt.text or state.tokenizer.decode(prompt.token_ids)) + output.text if body.echo else output.text
-                choice = {"index": choice_index, "text": text,
-                          "logprobs": completion_logprobs(output, state.tokenizer),
-                          "finish_reason": output.finish_reason, "stop_reason": output.stop_reason}
-            choices[choice_index] = {**choice, **_choice_extras(body, prompt, output)}
+    async with aclosing(run.stream()) as outputs:
+        async for index, result in outputs:
+            cached_tokens += result.num_cached_tokens or 0
+            for output in result.outputs:
+                if first_token is None and output.token_ids:
+                    first_token = time.perf_counter()
+                choice_index = index * body.n + output.index
+                completion_tokens += len(output.token_ids)
+                choices[choice_index] = _choice(state, body, kind, choice_index, run.prompts[index], output)
     prompt_tokens = sum(len(p.token_ids) for p in run.prompts)
     state.metrics.request_finished(labels, prompt_tokens, completion_tokens, started, first_token)
     return {"id": run.id, "object": "chat.completion" if kind == "chat" else "text_completion",
@@ -125,32 +182,21 @@ async def _stream(state, run: GenerationRun, body, kind: str, labels: str):
     started_choices: set[int] = set()
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     try:
-        async for index, result in run.stream():
-            for output in result.outputs:
-                if first_token is None and output.token_ids:
-                    first_token = time.perf_counter()
-                choice_index = index * body.n + output.index
-                prompt = run.prompts[index]
-                completion_tokens += len(output.token_ids)
-                first_chunk = choice_index not in started_choices
-                started_choices.add(choice_index)
-                if kind == "chat":
-                    delta = {"role": "assistant", "content": output.text} if first_chunk else {"content": output.text}
-                    choice = {"index": choice_index, "delta": delta,
-                              "logprobs": chat_logprobs(output, state.tokenizer, body.top_logprobs or 0),
-                              "finish_reason": output.finish_reason}
-                else:
-                    choice = {"index": choice_index, "text": output.text,
-                              "logprobs": completion_logprobs(output, state.tokenizer),
-                              "finish_reason": output.finish_reason, "stop_reason": output.stop_reason}
-                if body.return_token_ids:
-                    choice["token_ids"] = list(output.token_ids)
-                    if first_chunk:
-                        choice["prompt_token_ids"] = prompt.token_ids
-                chunk = {"id": run.id, "object": obj, "created": run.created, "model": model, "choices": [choice]}
-                if include_usage:
-                    chunk["usage"] = None
-                yield sse(chunk)
+        async with aclosing(run.stream()) as outputs:
+            async for index, result in outputs:
+                for output in result.outputs:
+                    if first_token is None and output.token_ids:
+                        first_token = time.perf_counter()
+                    choice_index = index * body.n + output.index
+                    completion_tokens += len(output.token_ids)
+                    first_chunk = choice_index not in started_choices
+                    started_choices.add(choice_index)
+                    choice = _choice(state, body, kind, choice_index, run.prompts[index], output,
+                                     first_chunk=first_chunk)
+                    chunk = {"id": run.id, "object": obj, "created": run.created, "model": model, "choices": [choice]}
+                    if include_usage:
+                        chunk["usage"] = None
+                    yield sse(chunk)
         prompt_tokens = sum(len(p.token_ids) for p in run.prompts)
         if include_usage:
             yield sse({"id": run.id, "object": obj, "created": run.created, "model": model, "choices": [],
@@ -162,5 +208,3 @@ async def _stream(state, run: GenerationRun, body, kind: str, labels: str):
         state.metrics.error(500)
         yield sse(error_body(500, f"generation failed: {type(exc).__name__}: {exc}", code="internal_error"))
         yield sse("[DONE]")
-    finally:
-        await _finish(state, run)
