@@ -65,7 +65,7 @@ def prompts(n: int, length: int, seed: int) -> list[list[int]]:
 
 
 async def _batch(url: str, batch: list[list[int]], steering: list[dict], max_tokens: int) -> tuple[float, list]:
-    async with AsyncClient(url, timeout=1800, max_retries=0) as client:
+    async with AsyncClient(url, timeout=600, max_retries=0) as client:
         started = time.perf_counter()
         outs = await asyncio.gather(*(client.complete(p, max_tokens=max_tokens, temperature=0, ignore_eos=True,
                                                       return_token_ids=True, **s) for p, s in zip(batch, steering)))
