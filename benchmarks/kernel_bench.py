@@ -7,7 +7,7 @@ copy, and the overhead relative to one fp32 ``transformers`` ``LlamaDecoderLayer
 the same number of tokens (one causal sequence; d=576 is SmolLM2-135M's shape, d=4096 Llama-3-8B's).
 Tokens are laid out like the engine lays them out: K contiguous runs (one per request), coef 1.
 
-    python benchmarks/kernel_bench.py [--quick] [--strategies] [--threads N] [--out PATH]
+    python benchmarks/kernel_bench.py [--quick] [--strategies] [--rounds N] [--threads N] [--out PATH]
 
 Times are the minimum over repeats (the 2-core CPU machine is shared; the minimum is the least
 disturbed estimate). When other processes load the cores, two-thread torch ops stall on their
@@ -103,47 +103,65 @@ def bytes_moved(tokens: int, k: int, rank: int, hidden: int, elem: int = 4) -> i
     return 2 * tokens * hidden * elem + tokens * (8 + 4) + k * table
 
 
-def run(grid: dict, strategies: bool) -> dict:
+def run(grid: dict, strategies: bool, rounds: int = 1) -> dict:
+    """Measure the grid ``rounds`` times and keep each row's minimum (layers over 2 s are timed once)."""
     torch.set_grad_enabled(False)
-    load_before = os.getloadavg()
+    load = [os.getloadavg()]
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor()
-            or platform.machine(), "cpu_count": os.cpu_count(), "grid": grid, "bandwidth_gbps": {}}
+            or platform.machine(), "cpu_count": os.cpu_count(), "grid": grid, "rounds": rounds, "bandwidth_gbps": {}}
+    layer_s, kernel_s = {}, {}
+    for _ in range(rounds):
+        for device in devices:
+            bw = bandwidth_gbps(device)
+            meta["bandwidth_gbps"][device.type] = max(bw, meta["bandwidth_gbps"].get(device.type, 0.0))
+            if device.type == "cuda":
+                meta["gpu"] = torch.cuda.get_device_name()
+            for hidden in grid["hidden"]:
+                _time_layers(layer_s, device, hidden, grid["tokens"])
+                for rank in grid["rank"]:
+                    _time_kernels(kernel_s, device, hidden, rank, grid, strategies)
+        load.append(os.getloadavg())
     rows = []
-    for device in devices:
-        bw = meta["bandwidth_gbps"][device.type] = bandwidth_gbps(device)
-        if device.type == "cuda":
-            meta["gpu"] = torch.cuda.get_device_name()
-        backends = ["triton"] if device.type == "cuda" else (["torch"] + (["torch:bgmv", "torch:ebag"] if strategies else []))
-        for hidden in grid["hidden"]:
-            layer, rope = make_layer(hidden, device)
-            layer_s = {t: layer_seconds(layer, rope, t, device) for t in grid["tokens"]}
-            print(f"[{device.type}] d={hidden} layer: " + ", ".join(f"T={t} {s * 1e3:.2f} ms" for t, s in layer_s.items()),
-                  flush=True)
-            del layer, rope
-            for rank in grid["rank"]:
-                tables = make_tables(max(grid["K"]), rank, hidden, device)
-                for tokens in grid["tokens"]:
-                    x = torch.randn(tokens, hidden, device=device)
-                    coef = torch.ones(tokens, device=device)
-                    for k in grid["K"]:
-                        k_eff = min(k, tokens)
-                        slots = (torch.arange(tokens, device=device) * k_eff // tokens + 1).to(torch.int32)
-                        nbytes = bytes_moved(tokens, k_eff, rank, hidden)
-                        for backend in backends:
-                            gathered = tokens * bytes_moved(0, 1, rank, hidden)
-                            if ":" in backend and (k_eff == 1 or backend == "torch:bgmv" and gathered > 2 ** 30):
-                                continue  # one slot takes the GEMM path anyway; bgmv would gather > 1 GiB
-                            secs = _time_backend(backend, x, slots, coef, tables, device)
-                            row = {"device": device.type, "backend": backend, "hidden": hidden, "tokens": tokens,
-                                   "K": k, "K_present": k_eff, "rank": rank, "kernel_us": secs * 1e6,
-                                   "bytes": nbytes, "gbps": nbytes / secs / 1e9, "pct_bandwidth": 100 * nbytes / secs / 1e9 / bw,
-                                   "layer_us": layer_s[tokens] * 1e6, "overhead_pct": 100 * secs / layer_s[tokens]}
-                            rows.append(row)
-                            print(_fmt(row), flush=True)
-                del tables
-    meta["loadavg_before_after"] = [load_before, os.getloadavg()]
+    for (dev, backend, hidden, tokens, k, rank), secs in kernel_s.items():
+        k_eff, bw, lay = min(k, tokens), meta["bandwidth_gbps"][dev], layer_s[dev, hidden, tokens]
+        nbytes = bytes_moved(tokens, k_eff, rank, hidden)
+        rows.append({"device": dev, "backend": backend, "hidden": hidden, "tokens": tokens, "K": k, "K_present": k_eff,
+                     "rank": rank, "kernel_us": secs * 1e6, "bytes": nbytes, "gbps": nbytes / secs / 1e9,
+                     "pct_bandwidth": 100 * nbytes / secs / 1e9 / bw, "layer_us": lay * 1e6,
+                     "overhead_pct": 100 * secs / lay})
+    meta["loadavg_per_round"] = load
     return {"meta": meta, "rows": rows}
+
+
+def _time_layers(layer_s: dict, device, hidden: int, tokens_list) -> None:
+    todo = [t for t in tokens_list if layer_s.get((device.type, hidden, t), 0.0) <= 2.0]
+    if not todo:
+        return
+    layer, rope = make_layer(hidden, device)
+    for t in todo:
+        key = (device.type, hidden, t)
+        layer_s[key] = min(layer_seconds(layer, rope, t, device), layer_s.get(key, float("inf")))
+        print(f"[{device.type}] d={hidden} layer T={t}: {layer_s[key] * 1e3:.2f} ms", flush=True)
+
+
+def _time_kernels(kernel_s: dict, device, hidden: int, rank: int, grid: dict, strategies: bool) -> None:
+    backends = ["triton"] if device.type == "cuda" else ["torch"] + (list(FORCED) if strategies else [])
+    tables = make_tables(max(grid["K"]), rank, hidden, device)
+    for tokens in grid["tokens"]:
+        x = torch.randn(tokens, hidden, device=device)
+        coef = torch.ones(tokens, device=device)
+        for k in grid["K"]:
+            k_eff = min(k, tokens)
+            slots = (torch.arange(tokens, device=device) * k_eff // tokens + 1).to(torch.int32)
+            for backend in backends:
+                gathered = tokens * bytes_moved(0, 1, rank, hidden)
+                if ":" in backend and (k_eff == 1 or backend == "torch:bgmv" and gathered > 2 ** 30):
+                    continue  # one slot takes the GEMM path anyway; bgmv would gather > 1 GiB
+                key = (device.type, backend, hidden, tokens, k, rank)
+                kernel_s[key] = min(_time_backend(backend, x, slots, coef, tables, device), kernel_s.get(key, float("inf")))
+                print(f"{device.type:4s} {backend:10s} d={hidden:5d} T={tokens:5d} K={k:3d} R={rank:2d} "
+                      f"{kernel_s[key] * 1e6:10.1f} us", flush=True)
 
 
 #: Forced strategies of the torch path (``--strategies``), as overrides of its size thresholds.
@@ -167,10 +185,15 @@ def _time_backend(backend, x, slots, coef, tables, device) -> float:
             os.environ["STEER_SERVE_KERNEL"] = env_before
 
 
-def _fmt(r: dict) -> str:
-    return (f"{r['device']:4s} {r['backend']:10s} d={r['hidden']:5d} T={r['tokens']:5d} K={r['K']:3d} R={r['rank']:2d} "
-            f"{r['kernel_us']:10.1f} us {r['gbps']:7.2f} GB/s {r['pct_bandwidth']:6.1f}% bw  "
-            f"layer {r['layer_us'] / 1e3:9.2f} ms  overhead {r['overhead_pct']:6.2f}%")
+def table(result: dict) -> str:
+    """The rows as a Markdown table."""
+    lines = ["| device | backend | d | T | K | R | kernel µs | GB/s | % bw | layer ms | overhead % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(result["rows"], key=lambda r: (r["device"], r["hidden"], r["rank"], r["tokens"], r["K"], r["backend"])):
+        lines.append(f"| {r['device']} | {r['backend']} | {r['hidden']} | {r['tokens']} | {r['K']} | {r['rank']} | "
+                     f"{r['kernel_us']:.1f} | {r['gbps']:.2f} | {r['pct_bandwidth']:.1f} | {r['layer_us'] / 1e3:.2f} | "
+                     f"{r['overhead_pct']:.2f} |")
+    return "\n".join(lines)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -200,15 +223,17 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small grid (d=576, T<=512, K<=16)")
     ap.add_argument("--strategies", action="store_true", help="also time the torch path with gather+bmm or embedding_bag forced")
+    ap.add_argument("--rounds", type=int, default=1, help="measure the grid this often, keep each row's minimum")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run(QUICK if args.quick else FULL, args.strategies)
+    result = run(QUICK if args.quick else FULL, args.strategies, args.rounds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     plot(result, args.out.with_suffix(".png"))
+    print(table(result))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 

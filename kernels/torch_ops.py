@@ -38,14 +38,14 @@ _ACT_FNS = (None, torch.relu, F.gelu, torch.tanh, torch.sigmoid, F.silu)
 def apply_torch(x: torch.Tensor, slots: torch.Tensor, coef: torch.Tensor, tables: SlotTables,
                 out_base: torch.Tensor | None = None) -> torch.Tensor:
     base = x if out_base is None else out_base
-    slots_np, coef_np = slots.cpu().numpy(), coef.cpu().numpy()
+    slots_np, coef_np = slots.numpy(force=True), coef.numpy(force=True)
     T = len(slots_np)
     if T and (T == 1 or (slots_np == slots_np[0]).all() and (coef_np == coef_np[0]).all()):
         slot, c = int(slots_np[0]), float(coef_np[0])           # one slot, one coef: scalar checks only
         if c == 0 or not tables.used[slot]:
             return base.clone(memory_format=torch.contiguous_format)
-        out = base.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-        return _add_one_slot(out, x.float(), slot, c, tables).to(base.dtype)
+        out = _one_slot(base, x.float(), slot, c, tables)
+        return out if out.dtype == base.dtype else out.to(base.dtype)
     rows = np.flatnonzero((coef_np != 0) & tables.used[slots_np])
     if rows.size == 0:
         return base.clone(memory_format=torch.contiguous_format)
@@ -63,7 +63,7 @@ def _delta(x: torch.Tensor, slots_np: np.ndarray, slots: torch.Tensor, t: SlotTa
     """fp32 ``delta(x)`` (x fp32) for rows whose slots all hold an edit."""
     first = int(slots_np[0])
     if (slots_np == first).all():
-        return _add_one_slot(torch.zeros_like(x), x, first, 1.0, t)
+        return _one_slot(torch.zeros_like(x), x, first, 1.0, t)
     if t.lowrank[slots_np].any():
         delta = _gathered(x, slots_np, slots, t)
     else:
@@ -73,12 +73,12 @@ def _delta(x: torch.Tensor, slots_np: np.ndarray, slots: torch.Tensor, t: SlotTa
     return delta
 
 
-def _add_one_slot(out: torch.Tensor, x: torch.Tensor, slot: int, c: float, t: SlotTables) -> torch.Tensor:
-    """``out += c·delta(x)`` in place for rows all in ``slot`` (fp32): plain GEMMs, nothing gathered."""
+def _one_slot(base: torch.Tensor, x: torch.Tensor, slot: int, c: float, t: SlotTables) -> torch.Tensor:
+    """``base + c·delta(x)`` in a new fp32 tensor, every row in ``slot``: plain GEMMs, nothing gathered."""
     b, w, bias, wp, v, ut = t.slot_views(slot)
     if t.wp.dtype != torch.float32:
         b, w, bias, wp, v, ut = (view.float() for view in (b, w, bias, wp, v, ut))
-    out.add_(v, alpha=c)
+    out = torch.add(base, v, alpha=c)                # promotes 16-bit base to fp32
     if t.lowrank[slot]:
         if t.codes[slot] == 0:                       # linear: P is folded into W (slot_tables)
             s = torch.addmm(b, x, w)
