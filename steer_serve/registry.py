@@ -137,6 +137,7 @@ class InterventionRegistry:
         self.persist_dir = persist_dir
         self.evictions = 0
         self.on_load = lambda seconds: None  # metrics hook: called with each slot load's latency
+        self._restoring = False  # restore() re-registers without rewriting the file it reads from
         self._changed = asyncio.Condition()
         self._slot_lock = asyncio.Lock()
 
@@ -173,8 +174,7 @@ class InterventionRegistry:
             entry = Entry(intervention_id, iv, sites, content_hash(sites), source, format)
             if old is not None:
                 await self._unload(old)
-            self.entries[intervention_id] = entry
-            self._persist()
+            self._commit(intervention_id, entry, old)
             self._changed.notify_all()
         return entry
 
@@ -192,10 +192,22 @@ class InterventionRegistry:
             old = self.entries.get(intervention_id)
             if old is not None:
                 await self._unload(old)
-            self.entries[intervention_id] = entry
-            self._persist()
+            self._commit(intervention_id, entry, old)
             self._changed.notify_all()
         return entry
+
+    def _commit(self, intervention_id: str, entry: Entry, old: Entry | None) -> None:
+        """Install ``entry`` and persist; if the registry cannot be written, put back what was there."""
+        self.entries[intervention_id] = entry
+        try:
+            self._persist()
+        except Exception as exc:
+            if old is None:
+                self.entries.pop(intervention_id)
+            else:
+                self.entries[intervention_id] = old
+            raise RegistryError(f"could not write the registry, {intervention_id!r} is not registered: {exc}",
+                                status=500, code="registry_write_failed") from exc
 
     def _check_replaceable(self, intervention_id: str, replace: bool) -> None:
         old = self.entries.get(intervention_id)
@@ -354,7 +366,7 @@ class InterventionRegistry:
 
     # ----- persistence --------------------------------------------------------------------
     def _persist(self) -> None:
-        if self.persist_dir is None:
+        if self.persist_dir is None or self._restoring:
             return
         from steer_serve.formats.native import save_native
 
@@ -389,11 +401,18 @@ class InterventionRegistry:
         """Re-register what the persisted registry holds; returns the ids restored."""
         if self.persist_dir is None or not (self.persist_dir / "registry.json").is_file():
             return []
+        data = json.loads((self.persist_dir / "registry.json").read_text())
+        self._restoring = True  # the file on disk already says all this: no rewrite, no weights cleanup
+        try:
+            return await self._restore_records(data.get("interventions", []))
+        finally:
+            self._restoring = False
+
+    async def _restore_records(self, records: list[dict]) -> list[str]:
         from steer_serve.formats.native import read_native
 
-        data = json.loads((self.persist_dir / "registry.json").read_text())
         restored = []
-        for record in data.get("interventions", []):
+        for record in records:
             try:
                 if record.get("kind") == "adapter":
                     adapter = load_weight_adapter(self.adapters_dir / record["weights"], self.adapters_dir,
@@ -416,8 +435,12 @@ class InterventionRegistry:
 
 def _atomic_write_json(path: Path, data) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
