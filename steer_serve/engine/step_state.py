@@ -9,7 +9,7 @@ prefix-cache hits and preemption/recompute all hit exactly the same tokens.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import numpy as np
 import torch
@@ -56,14 +56,18 @@ class StepState:
                 for slot, scale, pos in zip(steering.slots, steering.scales, steering.positions)]
         return self._requests[req_id]
 
-    def forget_requests(self, live_req_ids) -> None:
-        """Drop cached steering of requests that are gone."""
-        for req_id in [r for r in self._requests if r not in live_req_ids]:
-            del self._requests[req_id]
+    def _forget_finished(self, live_req_ids: Collection[str]) -> None:
+        """Drop the cached steering of requests the runner no longer holds (amortised: rarely runs)."""
+        if len(self._requests) > 2 * len(live_req_ids) + 64:
+            for req_id in [r for r in self._requests if r not in live_req_ids]:
+                del self._requests[req_id]
 
     def prepare(self, req_ids: Sequence[str], num_scheduled: np.ndarray, num_computed: np.ndarray,
-                num_prompt: np.ndarray, extra_args_of: Callable[[str], dict | None]) -> None:
-        """Fill the buffers for one step. Arrays are per request, in flattened-token order."""
+                num_prompt: np.ndarray, extra_args_of: Callable[[str], dict | None],
+                live_req_ids: Collection[str] = ()) -> None:
+        """Fill the buffers for one step. Arrays are per request, in flattened-token order;
+        ``live_req_ids`` are all requests the runner still holds (to forget finished ones)."""
+        self._forget_finished(live_req_ids)
         total = int(num_scheduled.sum())
         max_tokens = self.slots.shape[1]
         if total > max_tokens:

@@ -105,7 +105,5 @@ def _prepare_inputs_with_steering(runner, original, state, scheduler_output, num
         return requests[req_id].sampling_params.extra_args
 
     state.prepare(batch.req_ids[:num_reqs], num_scheduled_tokens, batch.num_computed_tokens_cpu[:num_reqs],
-                  batch.num_prompt_tokens[:num_reqs], extra_args_of)
-    if len(state._requests) > 2 * len(requests) + 64:
-        state.forget_requests(requests)
+                  batch.num_prompt_tokens[:num_reqs], extra_args_of, live_req_ids=requests)
     return result
