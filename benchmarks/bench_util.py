@@ -51,11 +51,15 @@ def start_server(workdir: Path, allowed_dir: Path, *args: str) -> ServerProcess:
     return server
 
 
-def register_all(url: str, sources: dict[str, Path], positions: str | None = None) -> None:
-    """Register every ``id -> directory`` (replacing an id that exists)."""
+def register_all(url: str, sources: dict[str, Path], positions: str | None = None, upload: bool = False) -> None:
+    """Register every ``id -> directory`` (replacing an id that exists): by server-side path, or by
+    multipart upload of native directories (works with any server, whatever its allowed dirs)."""
     with Client(url, timeout=600) as client:
         for name, path in sources.items():
-            client.interventions.register(name, str(path), positions=positions, replace=True)
+            if upload:
+                client.interventions.upload(name, path, positions=positions, replace=True)
+            else:
+                client.interventions.register(name, str(path), positions=positions, replace=True)
 
 
 def prompts(n: int, length: int, seed: int) -> list[list[int]]:

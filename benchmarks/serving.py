@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     server = None if args.url else start_server(work, work, *SERVER_ARGS)
     url = args.url or server.url
     try:
-        register_all(url, {n: random_loreft_native(work / n, 3000 + i, [15]) for i, n in enumerate(NAMES)}, "all")
+        register_all(url, {n: random_loreft_native(work / n, 3000 + i, [15]) for i, n in enumerate(NAMES)}, "all",
+                     upload=True)
         points = [point(url, rate, k, p, seed=i) for i, rate in enumerate(p["rates"]) for k in p["ks"]]
         if args.url:
             with Client(url) as client:

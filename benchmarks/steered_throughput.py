@@ -47,7 +47,7 @@ def prepare(url: str, workdir: Path, p: dict) -> list[str]:
     every = {f"bench-all-{i}": random_loreft_native(workdir / f"all-{i}", 2000 + i, list(range(p["every_layers"])))
              for i in range(p["every_layer_k"])}
     started = time.perf_counter()
-    register_all(url, {**one, **every}, positions="all")
+    register_all(url, {**one, **every}, positions="all", upload=True)
     print(f"registered {len(one) + len(every)} interventions in {time.perf_counter() - started:.1f}s", flush=True)
     return [*one, *every]
 
