@@ -16,9 +16,10 @@ contiguous block per slot and, on CPU, one ``embedding_bag`` table serves each h
 
 ``W, b, P, U, v`` are views into ``wp``/``uv`` with the shapes of the contract. A slot with the
 linear activation is stored folded, ``W − Pᵀ`` in ``W`` and zeros in ``P`` (the same ``delta``
-with one GEMM fewer on the CPU path). Writes go through
-:meth:`SlotTables.write`, which also keeps a small host-side summary (whether the slot is used,
-has a low-rank part or a ``z``, its act code) so the CPU path can skip work without reading device memory.
+with one GEMM fewer on the CPU path). Writes go through :meth:`SlotTables.write`, which also
+keeps a host-side summary per slot (used, has a low-rank part, has ``z``, act code) so the CPU
+path can skip work without reading the tables; write through one ``SlotTables`` object per set of
+buffers (:meth:`SlotTables.from_buffers` rebuilds the summary from the buffers).
 """
 from __future__ import annotations
 

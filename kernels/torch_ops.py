@@ -1,25 +1,28 @@
 """Vectorised torch path of :func:`steer_serve.kernels.apply_interventions` (what the CPU engine runs).
 
 Only *active* rows (slot != 0, coef != 0, and the slot holds an edit in this table) are computed;
-the others are copied, so they stay bit-exact. Control flow (which rows, which activations, whether ``z`` is needed) is decided on the
-host with numpy from the slot index and the table's host summary; on an accelerator that costs a
-sync, which is why CUDA uses the Triton kernel instead.
+the others are copied, so they stay bit-exact. Control flow (which rows, which strategy, which
+activations, whether ``z`` is needed) is decided on the host with numpy from the slot index and the
+table's host summary; on an accelerator that costs a sync, which is why CUDA uses Triton instead.
+No Python loop runs over tokens or over slots.
 
-Two strategies, chosen by the number of active rows ``A`` (measured on the 2-core CPU machine,
-d=576, S=65, see ``benchmarks/kernel_bench.py``):
+Strategies, chosen from measurements on the 2-core CPU machine (one torch thread, d=576, fp32;
+``benchmarks/kernel_bench.py``, forced variants with ``--strategies``):
 
-* gather + bmm (BGMV): gather each row's packed slot block, two batched mat-vecs. Fewest torch
-  ops (lowest fixed cost, ~40 µs at A=1) but it materialises ``A·(3R+2)·d`` floats, so its cost
-  grows ~4x faster than the alternative and loses from a few dozen rows on (R=16: 2.6 ms vs
-  0.4 ms at A=256; 30 ms vs 2.5 ms at A=2048).
-* ``embedding_bag`` with per-sample weights: the shrink ``[x, 1]·[Wᵀ|P; b|0]`` is a weighted sum
-  of ``d+1`` table rows per token, the expand ``[s, 1]·[Uᵀ; v]`` a weighted sum of ``R+1`` rows,
-  each one fused gather-reduce with nothing materialised. Cost is almost independent of how many
-  distinct slots are present (R=16, A=2048: 2.5 ms for K=1, 4.9 ms for K=64), where a grouped GEMM
-  looping over the present slots pays ~30 µs of dispatch per slot (8.3 ms for K=64) and only wins
-  marginally for a single slot.
-
-Pure additive slots (no low-rank part) skip both and just gather ``v``.
+* one slot and one coef for every row (batch-1 decode, a prefill chunk, all requests on one
+  intervention): scalar host checks, ``out = base + c·v`` then ``out += c·(x Wᵀ + b) Uᵀ`` with two
+  plain GEMMs; linear slots are stored with ``P`` folded into ``W``. 20-22 µs at T=1, 80-100 µs
+  at T=64, 0.3-0.5 ms at T=512.
+* several slots, ``rows · R <= 256``: gather each row's packed slot block + two ``baddbmm``
+  (BGMV). Fewest ops for a handful of rows, but it copies ``rows·(3R+2)·d`` floats, so it falls
+  behind fast: T=64, K=16: 0.28-0.38 ms vs 0.35 ms (R=4), 0.65-1.3 ms vs 0.40-0.43 ms (R=16);
+  T=512, K=16: 2.8-4.0 ms vs 1.0 ms (R=4), 40-90 ms vs 1.3-1.8 ms (R=16).
+* otherwise ``embedding_bag`` with per-sample weights: the shrink ``x·[Wᵀ|P]`` is a weighted sum
+  of ``d`` table rows per token, the expand ``[s, 1]·[Uᵀ; v]`` a weighted sum of ``R+1`` rows; a
+  fused gather-reduce each, nothing materialised, cost nearly independent of the slot count.
+* rejected: a grouped GEMM looping over the slots present pays 12-25 µs of dispatch per slot. It
+  won only with a few large groups (R=16, T=512, K=16: 0.9 vs 1.3 ms; T=64, K=4: 0.20 vs 0.36 ms)
+  and lost 2x with many (T=64, K=64: 0.96 vs 0.57 ms; T=512, K=256: 8.0 vs 3.8 ms).
 """
 from __future__ import annotations
 
