@@ -14,7 +14,8 @@ import sys
 import pytest
 import torch
 
-from steer_serve.interventions import apply_edit_lowrank
+from fixture_cases import cases
+from steer_serve.interventions import apply_edit_lowrank, get_family
 from steer_serve.interventions.base import LowRankEdit
 from steer_serve.kernels import ACT_CODES, SlotTables, apply_interventions, register_slot_tables
 from steer_serve.kernels import torch_ops
@@ -125,6 +126,23 @@ def test_matches_interventions_reference(backend):
         for t in rows.tolist():
             want = apply_edit_lowrank(x[t:t + 1].cpu(), edit, coef=float(coef[t]))
             torch.testing.assert_close(out[t:t + 1], want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("width", [64, 576])
+def test_recorded_library_cases_in_one_batch(backend, width):
+    """Every recorded fp32 pyreft/pyvene case of one width, via its family's low-rank form, in one
+    shuffled batch (one slot each) reproduces the library's own recorded outputs."""
+    recorded = [c for c in cases() if not c.per_head and all(d == "float32" for d in c.meta["dtypes"].values())]
+    recorded = [(c, c.io()) for c in recorded if c.io()["h"].shape[-1] == width]
+    edits = {slot: get_family(c.family).to_lowrank(c.params(), c.config) for slot, (c, _) in enumerate(recorded, 1)}
+    tables = make_tables(edits, d=width, r_max=max(e.rank for e in edits.values()), num_slots=len(edits) + 1,
+                         device=backend)
+    h = torch.cat([io["h"] for _, io in recorded])
+    want = torch.cat([io["out"] for _, io in recorded])
+    slots = torch.cat([torch.full((len(io["h"]),), slot) for slot, (_, io) in enumerate(recorded, 1)])
+    perm = torch.randperm(len(h), generator=torch.Generator().manual_seed(0))
+    out = apply_interventions(h[perm].to(backend), slots[perm].to(backend), torch.ones(len(h), device=backend), tables)
+    torch.testing.assert_close(out.cpu(), want[perm], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("act", list(ACT_CODES))
