@@ -159,7 +159,8 @@ def _time_kernels(kernel_s: dict, device, hidden: int, rank: int, grid: dict, st
                 if ":" in backend and (k_eff == 1 or backend == "torch:bgmv" and gathered > 2 ** 30):
                     continue  # one slot takes the GEMM path anyway; bgmv would gather > 1 GiB
                 key = (device.type, backend, hidden, tokens, k, rank)
-                kernel_s[key] = min(_time_backend(backend, x, slots, coef, tables, device), kernel_s.get(key, float("inf")))
+                secs = _time_backend(backend, x, slots, coef, tables, device)
+                kernel_s[key] = min(secs, kernel_s.get(key, float("inf")))
                 print(f"{device.type:4s} {backend:10s} d={hidden:5d} T={tokens:5d} K={k:3d} R={rank:2d} "
                       f"{kernel_s[key] * 1e6:10.1f} us", flush=True)
 
@@ -189,7 +190,8 @@ def table(result: dict) -> str:
     """The rows as a Markdown table."""
     lines = ["| device | backend | d | T | K | R | kernel µs | GB/s | % bw | layer ms | overhead % |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(result["rows"], key=lambda r: (r["device"], r["hidden"], r["rank"], r["tokens"], r["K"], r["backend"])):
+    order = ("device", "hidden", "rank", "tokens", "K", "backend")
+    for r in sorted(result["rows"], key=lambda r: tuple(r[k] for k in order)):
         lines.append(f"| {r['device']} | {r['backend']} | {r['hidden']} | {r['tokens']} | {r['K']} | {r['rank']} | "
                      f"{r['kernel_us']:.1f} | {r['gbps']:.2f} | {r['pct_bandwidth']:.1f} | {r['layer_us'] / 1e3:.2f} | "
                      f"{r['overhead_pct']:.2f} |")
@@ -222,7 +224,8 @@ def plot(result: dict, path: Path) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small grid (d=576, T<=512, K<=16)")
-    ap.add_argument("--strategies", action="store_true", help="also time the torch path with gather+bmm or embedding_bag forced")
+    ap.add_argument("--strategies", action="store_true",
+                    help="also time the torch path with gather+bmm or embedding_bag forced")
     ap.add_argument("--rounds", type=int, default=1, help="measure the grid this often, keep each row's minimum")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)

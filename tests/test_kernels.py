@@ -232,8 +232,9 @@ def test_torch_strategies(monkeypatch, bgmv_limit):
 @pytest.mark.skipif(IN_INTERPRETER or HAS_CUDA, reason="this process already runs the Triton cases")
 def test_triton_under_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton and not under_interpreter"],
-                          env=env, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+           "-k", "triton and not under_interpreter"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
 
