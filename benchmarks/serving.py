@@ -3,9 +3,9 @@
 One server (``--max-interventions 64 --max-rank 4``) with 64 random LoReFT rank-4 interventions
 (layer 15, positions ``all``). For every offered rate (open loop, Poisson arrivals, fixed duration)
 and every K (0 = unsteered; K distinct, uniform mix) one harness run records throughput, TTFT and
-TPOT. Per K: the largest rate of the sweep that stays sustainable (no errors, p99 TTFT under
-``--ttft-bound``) and the latency overhead of steering (p50 TTFT/TPOT over the unsteered run at the
-same rate).
+TPOT, after one warm-up request per intervention (first-use slot loads are not measured). Per K:
+the largest rate of the sweep that stays sustainable (no errors, p99 TTFT under ``--ttft-bound``)
+and the latency overhead of steering (p50 TTFT/TPOT over the unsteered run at the lowest rate).
 
     python benchmarks/serving.py [--quick] [--url http://127.0.0.1:8000]
 
@@ -21,7 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_util import RESULTS, machine, random_loreft_native, register_all, start_server, table
+from bench_util import (
+    RESULTS, machine, prompts, random_loreft_native, register_all, start_server, table, timed_batch,
+)
 from steer_client import Client
 from steer_loadtest import LoadConfig, run_loadtest
 
@@ -87,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         register_all(url, {n: random_loreft_native(work / n, 3000 + i, [15]) for i, n in enumerate(NAMES)}, "all",
                      upload=True)
+        timed_batch(url, prompts(len(NAMES), 8, 99), [{"intervention": n} for n in NAMES], 1)  # load every slot
         points = [point(url, rate, k, p, seed=i) for i, rate in enumerate(p["rates"]) for k in p["ks"]]
         if args.url:
             with Client(url) as client:
