@@ -168,15 +168,7 @@ class InterventionRegistry:
                        replace: bool = False) -> Entry:
         """Add (or with ``replace``, swap in) an intervention; persists the registry."""
         sites = self.check_geometry(iv)
-        async with self._changed:
-            self._check_replaceable(intervention_id, replace)
-            old = self.entries.get(intervention_id)
-            entry = Entry(intervention_id, iv, sites, content_hash(sites), source, format)
-            if old is not None:
-                await self._unload(old)
-            self._commit(intervention_id, entry, old)
-            self._changed.notify_all()
-        return entry
+        return await self._install(Entry(intervention_id, iv, sites, content_hash(sites), source, format), replace)
 
     async def register_adapter(self, intervention_id: str, adapter: WeightAdapter, *, source: str,
                                replace: bool = False) -> Entry:
@@ -184,15 +176,19 @@ class InterventionRegistry:
         if not self.max_loras:
             raise RegistryError("this server serves no weight-space adapters; start it with --max-loras N",
                                 param="source")
+        self._lora_ids += 1
+        entry = Entry(intervention_id, None, {}, adapter.content_hash, source, adapter.source_format,
+                      adapter=adapter, lora_id=self._lora_ids)
+        return await self._install(entry, replace)
+
+    async def _install(self, entry: Entry, replace: bool) -> Entry:
+        """Put ``entry`` under its id (unloading what it replaces) and persist the registry."""
         async with self._changed:
-            self._check_replaceable(intervention_id, replace)
-            self._lora_ids += 1
-            entry = Entry(intervention_id, None, {}, adapter.content_hash, source, adapter.source_format,
-                          adapter=adapter, lora_id=self._lora_ids)
-            old = self.entries.get(intervention_id)
+            self._check_replaceable(entry.id, replace)
+            old = self.entries.get(entry.id)
             if old is not None:
                 await self._unload(old)
-            self._commit(intervention_id, entry, old)
+            self._commit(entry.id, entry, old)
             self._changed.notify_all()
         return entry
 
