@@ -160,7 +160,8 @@ class InterventionObject(BaseModel):
     created: int
     source: str = Field(description="where it was registered from (`upload` for uploads)")
     format: str = Field(description="native, pyreft, pyvene, peft_lora, ...")
-    base_model: str
+    base_model: str = Field(description="the model this server serves it on")
+    trained_on: str | None = Field(None, description="the base model its file names, if any")
     status: str = Field(description="`loaded` (in a device slot), `cached` (CPU only) or `adapter`")
     slot: int | None = Field(description="device slot when loaded")
     in_flight: int = Field(description="requests using it right now")
@@ -198,7 +199,8 @@ class Ready(BaseModel):
 
 INTERVENTION_EXAMPLE = {
     "id": "honest", "object": "intervention", "kind": "intervention", "created": 1767225600,
-    "source": "honest-reft", "format": "pyreft", "base_model": "SmolLM2-135M-Instruct", "status": "loaded",
+    "source": "honest-reft", "format": "pyreft", "base_model": "SmolLM2-135M-Instruct",
+    "trained_on": "HuggingFaceTB/SmolLM2-135M-Instruct", "status": "loaded",
     "slot": 1, "in_flight": 0, "content_hash": "3f9c1e0b6d2a4c8e9f1a2b3c4d5e6f70", "families": ["loreft"],
     "num_edits": 1, "layers": [15], "num_parameters": 4612, "positions": "f1+l1", "scale": 1.0, "hidden_size": 576,
     "dtype": "float32",

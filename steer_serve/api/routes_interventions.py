@@ -27,10 +27,10 @@ def describe_entry(state, entry) -> dict:
     """What GET returns for one intervention (or weight-space adapter: ``kind`` says which)."""
     details = entry.adapter.describe() if entry.adapter else describe_intervention(entry.intervention)
     status = "adapter" if entry.adapter else ("loaded" if entry.slot is not None else "cached")
-    return {"id": entry.id, "object": "intervention", "kind": entry.kind, "created": entry.created,
+    return {**details, "id": entry.id, "object": "intervention", "kind": entry.kind, "created": entry.created,
             "source": entry.source, "format": entry.format, "base_model": state.served_model_name,
-            "status": status, "slot": entry.slot, "in_flight": entry.refcount, "content_hash": entry.content_hash,
-            **details}
+            "trained_on": details.get("base_model"), "status": status, "slot": entry.slot,
+            "in_flight": entry.refcount, "content_hash": entry.content_hash}
 
 
 def _limits(state) -> dict:

@@ -66,9 +66,25 @@ def _fail(message: str, param: str | None = None, code: str = "invalid_pyvene_di
     raise InterventionFormatError(message, param=param, code=code)
 
 
+def _plain_key(key) -> bool:
+    """A key that names a file inside the save directory (no separators, no '..')."""
+    return isinstance(key, str) and "/" not in key and "\\" not in key and ".." not in key
+
+
+def _state_dict(path: Path) -> dict:
+    """A saved intervention's entries: tensors, plus integer bookkeeping such as ``embed_dim``."""
+    sd = safe_torch_load(path)
+    if not isinstance(sd, dict):
+        _fail(f"{path.name} holds a {type(sd).__name__}, not a state dict", param=path.name)
+    bad = sorted(str(k) for k, v in sd.items() if not isinstance(v, torch.Tensor) and k not in _BOOKKEEPING)
+    if bad:
+        _fail(f"{path.name}: entries {bad[:5]} are not tensors", param=path.name)
+    return dict(sd)
+
+
 def parse_key(key: str) -> tuple[int, str, str]:
     """``(layer, component, unit)`` of an intervention key in either pyvene scheme."""
-    m = _NEW_KEY.match(key) or _OLD_KEY.match(key)
+    m = isinstance(key, str) and (_NEW_KEY.match(key) or _OLD_KEY.match(key))
     if not m:
         _fail(f"cannot parse intervention key {key!r}: expected layer_<L>_comp_<component>_unit_<unit>_nunit_<n>#<i> "
               "(or the older layer.<L>.comp.<component>... form); string-addressed module components are not "
@@ -103,13 +119,13 @@ def _rotate(sd: dict, where: str) -> torch.Tensor:
     if original is None or base is None:
         _fail(f"{where}: no rotate_layer weight (expected 'rotate_layer' or the orthogonal parametrization's "
               "'rotate_layer.parametrizations.weight.original' and '...weight.0.base')", param=where)
-    n = max(original.shape)
-    if original.ndim != 2 or tuple(base.shape) != (n, n):
+    n = max(original.shape, default=0)
+    if original.ndim != 2 or tuple(base.shape) != (n, n) or not original.is_floating_point():
         _fail(f"{where}: orthogonal parametrization shapes {list(original.shape)} / base {list(base.shape)} "
-              f"do not fit (base must be {n}x{n})", param=where)
+              f"do not fit (a floating {n}x{n} base for a 2-d original)", param=where)
     try:
         return resolve_orthogonal(original, base)
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError, ValueError) as exc:
         _fail(f"{where}: cannot resolve the orthogonal parametrization: {exc}", param=where)
 
 
@@ -219,26 +235,28 @@ def read_intervention_dir(path: str | os.PathLike, *, source_format: str, positi
               param="config.json")
     dims = cfg.get("intervention_dimensions") or [None] * len(reps)
     sorted_keys = cfg.get("sorted_keys") or []
+    if not isinstance(dims, list) or not isinstance(sorted_keys, list):
+        _fail("config.json: intervention_dimensions and sorted_keys must be lists", param="config.json")
     counters: dict = {}
     edits, widths = [], []
     for i, (rep, type_str) in enumerate(zip(reps, types)):
         family = CLASS_FAMILIES[_intervention_class(type_str, i)]
         keys = ([sorted_keys[i]] if i < len(sorted_keys) else []) + _candidate_keys(rep, counters)
-        found = next((k for k in keys if (directory / f"intkey_{k}.bin").is_file()), None)
+        found = next((k for k in keys if _plain_key(k) and (directory / f"intkey_{k}.bin").is_file()), None)
         if found is None and family != "zero":
             _fail(f"missing weights of intervention {i} ({family}): none of "
                   f"{', '.join(f'intkey_{k}.bin' for k in dict.fromkeys(keys))}", param=f"intkey_{keys[0]}.bin",
                   code="missing_file")
         key = found or keys[0]
         where = f"intkey_{key}.bin"
-        sd = dict(safe_torch_load(directory / where)) if found else {}
+        sd = _state_dict(directory / where) if found else {}
         layer, component, _ = parse_key(key)
         if component.removeprefix("head_") not in COMPONENTS:
             _fail(f"{where}: component {component!r} is not servable; supported: {', '.join(COMPONENTS)} "
                   "(and head_attention_value_output)", param=where, code="unsupported_component")
         params = _params(family, sd, where, source)
         embed_dim = sd.pop("embed_dim", None)
-        leftover = sorted(k for k in sd if k not in _BOOKKEEPING)
+        leftover = sorted(str(k) for k in sd if k not in _BOOKKEEPING)
         if leftover:
             _fail(f"{where}: unexpected tensors {leftover} for a {family} intervention", param=where)
         width = _width(params, embed_dim, hidden_size, component, num_heads, where)
@@ -270,7 +288,7 @@ def read_intervention_dir(path: str | os.PathLike, *, source_format: str, positi
         try:
             edit = Edit(family, Placement(layer, component, placement_head), params, config)
             get_family(family).validate(params, edit_config(edit), hidden_size or component_width)
-        except ValueError as exc:
+        except (ValueError, TypeError, IndexError, RuntimeError) as exc:
             _fail(f"{where}: {exc}", param=f"edits[{i}]")
         if edits and component_width != widths[0]:
             _fail(f"{where}: interventions act on different widths ({widths[0]} and {component_width})",
@@ -289,9 +307,15 @@ def _width(params: dict, embed_dim, hidden_size, component: str, num_heads, wher
     """How many columns the intervention's tensors span (head_dim for per-head components)."""
     for name, dim in _WIDTH_DIM.items():
         if name in params:
+            if params[name].ndim <= dim:
+                _fail(f"{where}: {name} has shape {list(params[name].shape)}; expected at least {dim + 1} dimensions",
+                      param=where)
             return params[name].shape[dim]
     if embed_dim is not None:
-        return int(embed_dim)
+        try:
+            return int(embed_dim)
+        except (TypeError, ValueError, RuntimeError):
+            _fail(f"{where}: embed_dim {embed_dim!r} is not an integer", param=where)
     if hidden_size and not component.startswith("head_"):
         return hidden_size
     if hidden_size and num_heads:
