@@ -81,9 +81,17 @@ def timed_batch(url: str, batch: list[list[int]], steering: list[dict], max_toke
     return asyncio.run(_batch(url, batch, steering, max_tokens))
 
 
+def _cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    return next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), platform.machine())
+
+
 def machine() -> dict:
     """Where a result was measured."""
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    return {"platform": platform.platform(), "processor": _cpu_model(),
             "cpus": os.cpu_count(), "python": platform.python_version(),
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
 
