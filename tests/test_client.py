@@ -88,6 +88,10 @@ def test_client_errors_are_not_retried(sleeps):
         with pytest.raises(BadRequestError):
             client.complete("hi")
     assert fake.calls == 1 and sleeps == []
+    with Client("http://fake", transport=httpx.MockTransport(Flaky((503, None))), max_retries=0) as client:
+        with pytest.raises(ServiceUnavailableError) as info:
+            client.models()
+    assert info.value.status == 503 and sleeps == []
 
 
 def test_async_client_retries_503(sleeps):

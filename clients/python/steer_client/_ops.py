@@ -82,15 +82,18 @@ def complete(prompt, intervention=None, interventions=None, model=None, stream=F
 
 
 def models() -> Op:
+    """GET /v1/models -> list of ``Model``."""
     return Op("GET", "/v1/models", {}, lambda d: [Model.from_dict(m) for m in d.get("data", [])])
 
 
 def health() -> Op:
+    """GET /health -> its JSON."""
     return Op("GET", "/health", {}, lambda d: d)
 
 
 def register(id: str, source: str, format: str = "auto", positions: str | None = None, scale: float | None = None,
              act_fn: str | None = None, replace: bool = False) -> Op:
+    """POST /v1/interventions with a server-side source (path in an allowed dir, or hub id)."""
     body = {"id": id, "source": source, "format": format, "positions": positions, "scale": scale,
             "act_fn": act_fn, "replace": replace}
     return Op("POST", "/v1/interventions", {"json": {k: v for k, v in body.items() if v is not None}},
@@ -115,21 +118,28 @@ def upload(id: str, path: str | Path | None = None, *, intervention_json: bytes 
 
 
 def list_interventions() -> Op:
+    """GET /v1/interventions -> list of ``Intervention``."""
     return Op("GET", "/v1/interventions", {}, lambda d: [Intervention.from_dict(i) for i in d.get("data", [])])
 
 
 def get(id: str) -> Op:
+    """GET /v1/interventions/{id}."""
     return Op("GET", f"/v1/interventions/{id}", {}, Intervention.from_dict)
 
 
 def patch(id: str, scale: float | None = None, positions: str | None = None) -> Op:
+    """PATCH /v1/interventions/{id}: new default scale and/or positions."""
     body = {k: v for k, v in {"scale": scale, "positions": positions}.items() if v is not None}
     return Op("PATCH", f"/v1/interventions/{id}", {"json": body}, Intervention.from_dict)
 
 
 def delete(id: str, force: bool = False) -> Op:
+    """DELETE /v1/interventions/{id} (``force``: wait for in-flight requests instead of 409)."""
     return Op("DELETE", f"/v1/interventions/{id}", {"params": {"force": "true"} if force else {}},
               lambda d: bool(d.get("deleted")))
+
+
+DONE = object()  # the end-of-stream marker parse_sse_line returns for "[DONE]"
 
 
 def sse_events(lines: Iterable[str]):
@@ -140,9 +150,6 @@ def sse_events(lines: Iterable[str]):
             return
         if event is not None:
             yield event
-
-
-DONE = object()
 
 
 def parse_sse_line(line: str):

@@ -86,6 +86,7 @@ class ChatCompletion(_Response):
 
     @classmethod
     def from_dict(cls, data: dict) -> "ChatCompletion":
+        """From the server's JSON."""
         choices = [ChatChoice(**_pick(ChatChoice, c, message=ChatMessage(**_pick(ChatMessage, c.get("message") or {}))))
                    for c in data.get("choices", [])]
         return cls(**_pick(cls, data, choices=choices, usage=Usage.from_dict(data.get("usage"))), raw=data)
