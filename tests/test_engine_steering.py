@@ -103,6 +103,7 @@ def _hf_greedy(prompt, max_new_tokens, hook_module_name=None, edit_fn=None, pre_
 
 @pytest.mark.parametrize("component,module,pre", [
     ("block_output", "model.layers.8", False),
+    ("block_output", "model.layers.29", False),  # the last layer feeds the final norm
     ("mlp_output", "model.layers.8.mlp", False),
     ("attention_output", "model.layers.8.self_attn", False),
     ("attention_value_output", "model.layers.8.self_attn.o_proj", True),
@@ -110,8 +111,9 @@ def _hf_greedy(prompt, max_new_tokens, hook_module_name=None, edit_fn=None, pre_
 def test_components_match_transformers_hooks(client, intervention_dir, component, module, pre):
     from steer_serve.interventions import reference_apply
 
-    iv = random_loreft(7, layer=8, component=component, strength=4.0)
-    name = f"component-{component}"
+    layer = int(module.split(".")[2])
+    iv = random_loreft(7, layer=layer, component=component, strength=4.0)
+    name = f"component-{component}-{layer}"
     register(client, intervention_dir, name, iv)
 
     def edit(h):

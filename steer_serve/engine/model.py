@@ -9,8 +9,9 @@ Components, as pyvene names them for Llama:
 ``attention_value_output`` input of ``o_proj``; ``attention_output`` output of ``self_attn``;
 ``mlp_output`` output of ``mlp``; ``block_output`` the residual stream after the layer. vLLM keeps
 the residual separate (fused add + RMSNorm in the next layer), so a block-output edit is computed
-on ``hidden + residual`` and returned as the new hidden state with ``residual=None`` — the next
-layer then starts from exactly that sum, bit for bit as Hugging Face's layer output.
+on ``hidden + residual`` and returned as the new hidden state with a zero residual — the next
+layer's fused add (and the final norm's) then sees exactly that sum, bit for bit as Hugging Face's
+layer output.
 """
 from __future__ import annotations
 
@@ -89,7 +90,9 @@ class SteerLlamaDecoderLayer(LlamaDecoderLayer):
         hidden_states = self.mlp(hidden_states)
         hidden_states = self.steer("mlp_output", hidden_states)
         if self.step_state.is_active(self.layer_idx, "block_output") and "block_output" in self.steer_config.components:
-            return self.steer("block_output", hidden_states, residual), None
+            # the edited sum becomes the hidden state; a zero residual keeps the next fused add exact
+            edited = self.steer("block_output", hidden_states, residual)
+            return edited, torch.zeros_like(residual)
         return hidden_states, residual
 
 
