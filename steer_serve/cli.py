@@ -51,6 +51,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-concurrent-requests", type=int, default=256, help="beyond this: 429 with Retry-After")
     p.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024, help="largest JSON request body")
     p.add_argument("--max-upload-bytes", type=int, default=64 * 1024 * 1024, help="largest uploaded weight file")
+    p.add_argument("--max-placements", type=int, default=256, help="most placements (edits) one intervention may have")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser requests from this origin (repeatable; '*' for any); CORS is off without it")
@@ -81,7 +82,8 @@ def _serve(args) -> None:
         preload_positions=args.intervention_positions, api_key=args.api_key, admin_api_key=args.admin_api_key,
         allow_hub=not args.no_hub, registry_dir=args.registry_dir, max_tokens_limit=args.max_tokens_limit,
         max_concurrent_requests=args.max_concurrent_requests, max_body_bytes=args.max_body_bytes,
-        max_upload_bytes=args.max_upload_bytes, cors_origins=args.cors_origin, drain_timeout=args.drain_timeout)
+        max_upload_bytes=args.max_upload_bytes, max_placements=args.max_placements,
+        cors_origins=args.cors_origin, drain_timeout=args.drain_timeout)
     asyncio.run(serve(engine_settings, settings))
 
 

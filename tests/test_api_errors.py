@@ -100,7 +100,7 @@ def test_409_for_an_existing_id(guarded, guarded_iv, intervention_dir):
 
 @pytest.mark.parametrize("payload,param", [
     ({"prompt": "hi", "max_tokens": 17}, "max_tokens"),                         # above --max-tokens-limit 16
-    ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"prompt": "hi", "stream": True, "stream_options": {"include_usage": "maybe"}}, "stream_options"),
     ({"prompt": "hi", "n": 17}, "n"),
     ({"prompt": "hi", "top_p": 0}, "top_p"),
     ({"prompt": "hi", "stop": [""]}, "stop"),
@@ -124,6 +124,12 @@ def test_400_completions(guarded, payload, param):
 ])
 def test_400_chat(guarded, payload, param):
     assert_error(guarded.post("/v1/chat/completions", json=payload), 400, param=param)
+
+
+def test_max_tokens_limit_also_caps_the_default(guarded):
+    body = {"messages": CHAT, "ignore_eos": True, "temperature": 0}
+    usage = guarded.post("/v1/chat/completions", json=body).json()["usage"]
+    assert usage["completion_tokens"] == 16                      # --max-tokens-limit 16, not the default 256
 
 
 def test_400_bodies_that_are_not_json(guarded, guarded_iv):

@@ -158,7 +158,7 @@ def _read_stream(c: httpx.Client, body: dict) -> tuple[int, list[int], float]:
 
 def test_delete_while_20_requests_use_it(client, server, intervention_dir):
     register(client, intervention_dir, "fault-delete", random_loreft(931))
-    bodies = [{"prompt": PROMPTS[i % 3], "max_tokens": 40, "ignore_eos": True, "temperature": 0, "stream": True,
+    bodies = [{"prompt": PROMPTS[i % 3], "max_tokens": 32, "ignore_eos": True, "temperature": 0, "stream": True,
                "return_token_ids": True, "intervention": "fault-delete"} for i in range(20)]
     solo = {i: _stream_tokens(server.url, bodies[i])[1] for i in range(3)}
     barrier = threading.Barrier(20)
@@ -183,7 +183,7 @@ def test_delete_while_20_requests_use_it(client, server, intervention_dir):
     assert deleted.status_code == 200 and deleted.json()["deleted"] is True
     assert [status for status, _, _ in results] == [200] * 20
     assert all(ids == solo[i % 3] for i, (_, ids, _) in enumerate(results))
-    assert all(len(ids) == 40 for _, ids, _ in results)
+    assert all(len(ids) == 32 for _, ids, _ in results)
     assert max(done for _, _, done in results) <= deleted_at
     assert client.get("/v1/interventions/fault-delete").status_code == 404
     wait_idle(client)

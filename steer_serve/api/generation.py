@@ -61,7 +61,7 @@ def max_new_tokens(requested: int | None, prompt_len: int, state, prompt_field: 
         raise APIError(400, f"This model's maximum context length is {state.max_model_len} tokens; the prompt has "
                        f"{prompt_len}.", code="context_length_exceeded", param=prompt_field)
     if requested is None:
-        return min(room, state.default_max_tokens)
+        return min(room, state.default_max_tokens, state.max_tokens_limit)
     if requested > state.max_tokens_limit:
         raise APIError(400, f"max_tokens {requested} exceeds this server's limit {state.max_tokens_limit}",
                        code="invalid_value", param="max_tokens")

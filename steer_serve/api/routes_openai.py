@@ -53,6 +53,8 @@ async def list_models(request: Request):
     data = [{"id": state.served_model_name, "object": "model", "created": created, "owned_by": "steer-serve",
              "root": state.model_path, "parent": None, "max_model_len": state.max_model_len}]
     for entry in state.registry.entries.values():
+        if entry.deleting:
+            continue
         data.append({"id": entry.id, "object": "model", "created": entry.created, "owned_by": "steer-serve",
                      "root": entry.source, "parent": state.served_model_name})
     return {"object": "list", "data": data}
@@ -91,9 +93,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
 async def _serve(request: Request, body, prompts, params, kind: str):
     state = request.app.state.steer
-    if body.stream_options is not None and not body.stream:
-        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options",
-                       code="invalid_value")
     requested = resolve_interventions(body, body.model, state)
     ids = [i for i, _, _ in requested] or [None]
     labels = ",".join(i for i in ids if i) or "none"

@@ -42,7 +42,7 @@ class SteeringFields(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    """OpenAI's ``stream_options`` (only with ``stream: true``)."""
+    """OpenAI's ``stream_options`` (read only with ``stream: true``)."""
 
     include_usage: bool = Field(default=False, description="end the stream with a chunk holding `usage`")
 
@@ -65,7 +65,8 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = Field(default=False, description="vLLM: keep generating past end-of-sequence")
     min_tokens: int = Field(default=0, ge=0, description="vLLM: generate at least this many tokens")
     stream: bool = Field(default=False, description="answer as server-sent events")
-    stream_options: StreamOptions | None = Field(default=None, description="only with `stream: true`")
+    stream_options: StreamOptions | None = Field(default=None, description="used with `stream: true` (ignored "
+                                                                          "otherwise)")
     user: str | None = Field(default=None, max_length=256, description="end-user id, written to the access log")
 
     @field_validator("stop")
