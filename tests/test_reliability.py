@@ -30,6 +30,7 @@ import hostile_inputs
 from conftest import ADMIN_KEY
 from live_server import REPO
 from steering_helpers import HIDDEN, complete, random_loreft, register, tokens
+from starlette.requests import ClientDisconnect
 from steer_loadtest import LoadConfig, run_loadtest
 
 PROMPTS = [[504, 3575, 282, 4649, 314], [1780, 314, 253, 1345, 282, 3233, 30], [19556, 1172, 28, 2013, 28, 216]]
@@ -136,6 +137,45 @@ def test_client_disconnect_mid_stream_frees_the_request_and_its_pin(client, serv
     assert time.monotonic() - started < 20           # 1500 tokens would take minutes: the engine aborted them
     assert client.get("/v1/interventions/fault-disconnect").json()["status"] == "loaded"
     assert tokens(complete(client, PROMPTS[0], 4, intervention="fault-disconnect"))
+
+
+@pytest.mark.parametrize("spec_version", ["2.3", "2.4"])
+@pytest.mark.parametrize("leaves", ["before the first byte", "after two chunks"])
+async def test_stream_cleanup_runs_however_the_client_leaves(spec_version, leaves):
+    """In process, at the ASGI level: the request's pins, concurrency place and engine request go."""
+    from fake_engine import FakeEngine, fake_app
+
+    engine = FakeEngine(step_seconds=0.01)
+    app, state = fake_app(engine)
+    body = json.dumps({"prompt": [5, 6], "max_tokens": 500, "stream": True}).encode()
+    inbox = [{"type": "http.request", "body": body, "more_body": False}]
+    chunks, gone = [], asyncio.Event()
+
+    async def receive():
+        if inbox:
+            return inbox.pop(0)
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if leaves == "before the first byte" or len(chunks) == 2:
+            gone.set()
+            if spec_version == "2.4":
+                raise OSError("client went away")
+            await asyncio.sleep(0.05)
+        chunks.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 9), "server": ("127.0.0.1", 80),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    try:
+        await asyncio.wait_for(app(scope, receive, send), 10)
+    except ClientDisconnect:                             # how Starlette reports it under ASGI spec 2.4
+        assert spec_version == "2.4"
+    assert state.limiter.in_flight == 0
+    assert len(engine.aborted) == (0 if leaves == "before the first byte" else 1)
+    assert len(chunks) < 10
 
 
 def _stream_tokens(url: str, body: dict, barrier: threading.Barrier | None = None) -> tuple[int, list[int], float]:
