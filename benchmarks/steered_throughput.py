@@ -3,7 +3,9 @@
 One server (``--max-interventions 64 --max-rank 4``), K random LoReFT rank-4 interventions at one
 layer (positions ``all``) and K on every layer; batch B requests x N new tokens (greedy, ignore_eos)
 for: unsteered, K = 1, 8, 64 distinct (one layer), K = 64 every layer, and unsteered again (drift
-control). Each configuration gets a warm-up batch (loads its slots) and ``--rounds`` timed batches
+control). With ``--adapters`` the server also serves weight-space adapters (``--max-loras 1``) and
+two rows are added: every request on one PEFT LoRA (the fixture adapter), and LoRA + K = 8 LoReFT
+per request (issue 10); every row then runs on the LoRA-enabled server. Each configuration gets a warm-up batch (loads its slots) and ``--rounds`` timed batches
 with fresh prompts; tok/s is the best round (the least disturbed on a shared machine; the median
 is recorded too). The ratio is to the mean of the two unsteered rows.
 
@@ -22,12 +24,15 @@ import time
 from pathlib import Path
 
 from bench_util import RESULTS, machine, prompts, random_loreft_native, register_all, start_server, table, timed_batch
+from live_server import FIXTURES_LORA
 from steer_client import Client
 
 FULL = {"batch": 64, "new_tokens": 64, "prompt_len": 32, "ks": [1, 8, 64], "every_layer_k": 64, "rounds": 3}
 QUICK = {"batch": 16, "new_tokens": 16, "prompt_len": 16, "ks": [1, 8, 16], "every_layer_k": 16, "rounds": 2}
 SERVER_ARGS = ["--max-interventions", "64", "--max-rank", "4"]
 LAYER = 15
+ADAPTER_ARGS = ["--max-loras", "1", "--allowed-intervention-dir", str(FIXTURES_LORA)]
+LORA_ID = "bench-lora"
 
 
 def configurations(p: dict) -> list[tuple[str, list[str | None]]]:
@@ -37,8 +42,20 @@ def configurations(p: dict) -> list[tuple[str, list[str | None]]]:
     rows += [(f"K={k} one layer", [f"bench-one-{i % k}" for i in range(b)]) for k in p["ks"]]
     k = p["every_layer_k"]
     rows.append((f"K={k} on {p['every_layers']} layers", [f"bench-all-{i % k}" for i in range(b)]))
+    if p.get("adapters"):
+        rows.append(("LoRA only", [LORA_ID] * b))
+        rows.append(("LoRA + K=8 one layer", [(LORA_ID, f"bench-one-{i % 8}") for i in range(b)]))
     rows.append(("unsteered (again)", [None] * b))
     return rows
+
+
+def steering_fields(ids: str | tuple[str, ...] | None) -> dict:
+    """Request fields naming one id, several ids (applied in order), or none."""
+    if ids is None:
+        return {}
+    if isinstance(ids, tuple):
+        return {"interventions": [{"id": i} for i in ids]}
+    return {"intervention": ids}
 
 
 def prepare(url: str, workdir: Path, p: dict) -> list[str]:
@@ -48,15 +65,18 @@ def prepare(url: str, workdir: Path, p: dict) -> list[str]:
              for i in range(p["every_layer_k"])}
     started = time.perf_counter()
     register_all(url, {**one, **every}, positions="all", upload=True)
+    if p.get("adapters"):
+        with Client(url, timeout=600) as client:
+            client.interventions.register(LORA_ID, str(FIXTURES_LORA / "peft_lora"), replace=True)
     print(f"registered {len(one) + len(every)} interventions in {time.perf_counter() - started:.1f}s", flush=True)
-    return [*one, *every]
+    return [*one, *every, *([LORA_ID] if p.get("adapters") else [])]
 
 
 def measure(url: str, p: dict) -> list[dict]:
     """Time every configuration; one row per configuration."""
     rows, reference_tokens = [], None
     for c, (label, ids) in enumerate(configurations(p)):
-        steering = [{"intervention": i} if i else {} for i in ids]
+        steering = [steering_fields(i) for i in ids]
         again = label.endswith("(again)")
         timed_batch(url, prompts(p["batch"], p["prompt_len"], 10_000 + c), steering, 4)  # warm-up: load slots
         seconds, first_tokens = [], None
@@ -92,13 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--url", help="use a running server (started with the flags above) instead of starting one")
     ap.add_argument("--rounds", type=int, help="timed batches per configuration")
     ap.add_argument("--every-layers", type=int, help="layers 0..N-1 for the every-layer row (default: all)")
+    ap.add_argument("--adapters", action="store_true", help="add the LoRA-only and LoRA + LoReFT rows (issue 10)")
     ap.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/steered_throughput*.json)")
     args = ap.parse_args(argv)
     p = dict(QUICK if args.quick else FULL)
     p["rounds"] = args.rounds or p["rounds"]
-    out = args.out or RESULTS / f"steered_throughput{'_quick' if args.quick else ''}.json"
+    p["adapters"] = args.adapters
+    suffix = ("_quick" if args.quick else "") + ("_adapters" if args.adapters else "")
+    out = args.out or RESULTS / f"steered_throughput{suffix}.json"
     workdir = Path(tempfile.mkdtemp(prefix="steered-throughput-"))
-    server = None if args.url else start_server(workdir, workdir, *SERVER_ARGS)
+    server_args = SERVER_ARGS + (ADAPTER_ARGS if args.adapters else [])
+    server = None if args.url else start_server(workdir, workdir, *server_args)
     url = args.url or server.url
     try:
         with Client(url) as client:
@@ -117,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows, [("config", "configuration", ""), ("distinct", "distinct", "d"), ("tok_s", "tok/s", ".1f"),
                        ("ratio", "ratio", ".3f"), ("changed_vs_unsteered", "changed", ".2f")]))
     out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"benchmark": "steered_throughput", "quick": args.quick, "params": p, "server_args": SERVER_ARGS,
+    doc = {"benchmark": "steered_throughput", "quick": args.quick, "params": p, "server_args": server_args,
            "model": model.id, "layer": LAYER, "num_layers": num_layers, "machine": machine(),
            "measured_unix": time.time(), "rows": rows}
     out.write_text(json.dumps(doc, indent=2))
