@@ -95,6 +95,7 @@ async def serve(engine_settings: EngineSettings, settings: ServerSettings) -> No
         state = await build_state(engine, settings)
         app = create_app(state, on_shutdown=stop_engine)
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                                access_log=False,  # ours is structured, with request ids (api/middleware.py)
                                 timeout_graceful_shutdown=int(settings.drain_timeout))
         server = _DrainingServer(config, state)
         logger.warning("steer-serve ready on http://%s:%d (model %s)", settings.host, settings.port,
