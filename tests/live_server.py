@@ -29,7 +29,7 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = [sys.executable, "-m", "steer_serve.cli", "serve", "--port", str(self.port),
-                     "--registry-dir", str(registry_dir), "--kv-cache-gb", "2", *args]
+                     "--registry-dir", str(registry_dir), "--kv-cache-gb", "1", *args]
         self.log_path = log_path
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
