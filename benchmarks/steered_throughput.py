@@ -32,6 +32,7 @@ QUICK = {"batch": 16, "new_tokens": 16, "prompt_len": 16, "ks": [1, 8, 16], "eve
 SERVER_ARGS = ["--max-interventions", "64", "--max-rank", "4"]
 LAYER = 15
 ADAPTER_ARGS = ["--max-loras", "1", "--allowed-intervention-dir", str(FIXTURES_LORA)]
+RECORDED_ADAPTER_ARGS = ["--max-loras", "1", "--allowed-intervention-dir", "tests/fixtures/data_lora"]
 LORA_ID = "bench-lora"
 
 
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows, [("config", "configuration", ""), ("distinct", "distinct", "d"), ("tok_s", "tok/s", ".1f"),
                        ("ratio", "ratio", ".3f"), ("changed_vs_unsteered", "changed", ".2f")]))
     out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"benchmark": "steered_throughput", "quick": args.quick, "params": p, "server_args": server_args,
+    recorded_args = SERVER_ARGS + (RECORDED_ADAPTER_ARGS if args.adapters else [])
+    doc = {"benchmark": "steered_throughput", "quick": args.quick, "params": p, "server_args": recorded_args,
            "model": model.id, "layer": LAYER, "num_layers": num_layers, "machine": machine(),
            "measured_unix": time.time(), "rows": rows}
     out.write_text(json.dumps(doc, indent=2))

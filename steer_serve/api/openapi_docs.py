@@ -235,7 +235,7 @@ CHAT_STREAM_EXAMPLE = (
     'data: [DONE]\n\n')
 MODELS_EXAMPLE = {"object": "list", "data": [
     {"id": "SmolLM2-135M-Instruct", "object": "model", "created": 1767225600, "owned_by": "steer-serve",
-     "root": "/root/.cache/steer-serve/models/SmolLM2-135M-Instruct", "parent": None, "max_model_len": 2048},
+     "root": "~/.cache/steer-serve/models/SmolLM2-135M-Instruct", "parent": None, "max_model_len": 2048},
     {"id": "honest", "object": "model", "created": 1767225600, "owned_by": "steer-serve", "root": "honest-reft",
      "parent": "SmolLM2-135M-Instruct"}]}
 METRICS_EXAMPLE = ('# TYPE steer_requests_total counter\nsteer_requests_total{intervention="honest"} 12.0\n'
