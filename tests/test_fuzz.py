@@ -80,7 +80,8 @@ def _reference_mask(spec: Positions, total: int, prompt_len: int) -> list[bool]:
         elif spec.kind == "generated":
             out.append(not is_prompt)
         else:
-            out.append(is_prompt and (i < spec.first or i >= prompt_len - spec.last))
+            first, last = min(spec.first, prompt_len // 2), min(spec.last, prompt_len // 2)  # pyreft's clamp
+            out.append(is_prompt and (i < first or i >= prompt_len - last))
     return out
 
 

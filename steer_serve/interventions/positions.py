@@ -2,7 +2,9 @@
 
 ``f<n>`` first n prompt tokens, ``l<n>`` last n prompt tokens, ``f<n>+l<n>`` both (a union, as
 pyvene gathers and scatters back), ``prompt`` every prompt token, ``generated`` every generated
-token, ``all`` every token. The first four act during prefill only, like pyreft with
+token, ``all`` every token. Window counts are clamped to half the prompt as pyreft does
+(``f3`` on a 4-token prompt edits 2 tokens; ``l1`` on a 1-token prompt edits none). The first four
+act during prefill only, like pyreft with
 ``intervene_on_prompt=True``: generated tokens then see the edited KV cache.
 
 Positions are absolute within the request (prompt token i has position i), so the mask is the
@@ -33,9 +35,16 @@ class Positions:
             return is_prompt
         if self.kind == "generated":
             return ~is_prompt
-        in_first = positions < self.first
-        in_last = positions >= num_prompt_tokens - self.last
+        first, last = self.window(num_prompt_tokens)
+        in_first = positions < first
+        in_last = positions >= num_prompt_tokens - last
         return is_prompt & (in_first | in_last)
+
+    def window(self, num_prompt_tokens: int) -> tuple[int, int]:
+        """(first, last) counts actually used on a prompt: pyreft's ``get_intervention_locations``
+        clamps each to half the prompt (``min(n, len // 2)``), so short prompts get fewer edits."""
+        half = num_prompt_tokens // 2
+        return min(self.first, half), min(self.last, half)
 
     def __str__(self) -> str:
         if self.kind != "window":
