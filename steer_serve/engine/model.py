@@ -63,13 +63,15 @@ class SteerLlamaDecoderLayer(LlamaDecoderLayer):
             tables = self._tables[component] = SlotTables.from_buffers(self, f"steer_{component}")
         return tables
 
-    def steer(self, component: str, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """Apply this step's interventions at ``component`` to ``x`` (+ ``residual`` if given)."""
+    def _hooked(self, component: str) -> bool:
+        """Whether ``component`` has tables here and an intervention of this step touches it."""
+        return component in self.steer_config.components and self.step_state.is_active(self.layer_idx, component)
+
+    def steer(self, component: str, x: torch.Tensor) -> torch.Tensor:
+        """Apply this step's interventions at ``component`` to ``x`` (one kernel call per column)."""
+        if not self._hooked(component):
+            return x
         state = self.step_state
-        if component not in self.steer_config.components or not state.is_active(self.layer_idx, component):
-            return x if residual is None else x + residual
-        if residual is not None:
-            x = x + residual
         tables = self.slot_tables(component)
         num_tokens = x.shape[0]
         for column in range(state.columns()):
@@ -89,10 +91,9 @@ class SteerLlamaDecoderLayer(LlamaDecoderLayer):
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         hidden_states = self.mlp(hidden_states)
         hidden_states = self.steer("mlp_output", hidden_states)
-        if self.step_state.is_active(self.layer_idx, "block_output") and "block_output" in self.steer_config.components:
+        if self._hooked("block_output"):
             # the edited sum becomes the hidden state; a zero residual keeps the next fused add exact
-            edited = self.steer("block_output", hidden_states, residual)
-            return edited, torch.zeros_like(residual)
+            return self.steer("block_output", hidden_states + residual), torch.zeros_like(residual)
         return hidden_states, residual
 
 
