@@ -54,10 +54,17 @@ def error_response(status: int, message: str, *, code: str | None = None, param:
     return JSONBody(error_body(status, message, code, param), status_code=status, headers=headers)
 
 
+def _reason(error: dict) -> str:
+    """Pydantic's message, except for unknown fields: refused by name, never silently ignored."""
+    if error.get("type") == "extra_forbidden":
+        return "this server does not support this field (it is refused, not ignored)"
+    return str(error.get("msg"))
+
+
 def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
     first = errors[0] if errors else {}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+    message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {_reason(e)}"
                         for e in errors[:5])
     return message or "invalid request", ".".join(loc) or None
 

@@ -39,7 +39,8 @@ def resolve_interventions(body: SteeringFields, model: str | None, state) -> lis
     return requested
 
 
-def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None, stream: bool) -> SamplingParams:
+def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None, stream: bool,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     """vLLM sampling parameters for ``body``; combinations vLLM refuses become a 400."""
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     try:
@@ -47,7 +48,7 @@ def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None,
             n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
             stop=stop, max_tokens=max_tokens, min_tokens=min(body.min_tokens, max_tokens),
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-            ignore_eos=body.ignore_eos, logprobs=logprobs,
+            ignore_eos=body.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
         )
     except ValueError as exc:
@@ -112,12 +113,22 @@ def _finite(logprob: float) -> float:
     return max(logprob, -9999.0)
 
 
-def completion_logprobs(output, tokenizer, text_offset_start: int = 0) -> dict | None:
-    if output.logprobs is None:
+def completion_logprobs(token_ids: list[int], logprobs: list | None, tokenizer) -> dict | None:
+    """OpenAI completion logprobs as vLLM's server writes them; a ``None`` step (the first prompt
+    token under ``echo``) is a null logprob and null alternatives."""
+    if logprobs is None:
         return None
     tokens, token_logprobs, top, offsets = [], [], [], []
-    offset = text_offset_start
-    for token_id, candidates in zip(output.token_ids, output.logprobs):
+    offset = 0
+    for token_id, candidates in zip(token_ids, logprobs):
+        if candidates is None:
+            token = tokenizer.decode([token_id])
+            tokens.append(token)
+            token_logprobs.append(None)
+            top.append(None)
+            offsets.append(offset)
+            offset += len(token)
+            continue
         chosen = candidates.get(token_id)
         token = chosen.decoded_token if chosen and chosen.decoded_token is not None else tokenizer.decode([token_id])
         tokens.append(token)

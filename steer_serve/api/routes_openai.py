@@ -68,9 +68,17 @@ async def list_models(request: Request):
                                   stream_example=docs.COMPLETION_STREAM_EXAMPLE), **_GENERATION_ERRORS})
 async def completions(body: CompletionRequest, request: Request):
     state = request.app.state.steer
+    if body.echo and body.stream:
+        raise APIError(400, "echo is not supported with stream=true on this server", param="echo",
+                       code="unsupported_field")
+    if body.max_tokens == 0 and not body.echo:
+        raise APIError(400, "max_tokens 0 needs echo=true (it scores the prompt and generates nothing)",
+                       param="max_tokens", code="invalid_value")
     prompts = completion_prompts(body, state.tokenizer, state.vocab_size)
-    max_tokens = max(max_new_tokens(body.max_tokens, len(p.token_ids), state, "prompt") for p in prompts)
-    params = sampling_params(body, max_tokens, body.logprobs, body.stream)
+    requested = None if body.max_tokens is None else max(body.max_tokens, 1)  # 0: one token, dropped
+    max_tokens = max(max_new_tokens(requested, len(p.token_ids), state, "prompt") for p in prompts)
+    prompt_logprobs = body.logprobs if body.echo else None
+    params = sampling_params(body, max_tokens, body.logprobs, body.stream, prompt_logprobs)
     return await _serve(request, body, prompts, params, "text_completion")
 
 
@@ -125,11 +133,23 @@ async def _finish(state, run: GenerationRun) -> None:
     state.limiter.leave()
 
 
-def _choice(state, body, kind: str, choice_index: int, prompt, output, *, first_chunk: bool | None = None) -> dict:
-    """One choice of a response (``first_chunk`` set: of a stream chunk, whose text is a delta)."""
+def _choice(state, body, kind: str, choice_index: int, prompt, output, *, first_chunk: bool | None = None,
+            prompt_logprobs: list | None = None) -> dict:
+    """One choice of a response (``first_chunk`` set: of a stream chunk, whose text is a delta).
+
+    With ``echo`` (completions, not streamed) the prompt comes first, in the text and in the
+    logprobs (``prompt_logprobs``: vLLM's, first entry None); ``max_tokens: 0`` drops the output."""
     streaming = first_chunk is not None
-    logprobs = (chat_logprobs(output, state.tokenizer, body.top_logprobs or 0) if kind == "chat"
-                else completion_logprobs(output, state.tokenizer))
+    if kind == "chat":
+        logprobs = chat_logprobs(output, state.tokenizer, body.top_logprobs or 0)
+    else:
+        generated = body.max_tokens != 0
+        token_ids = list(output.token_ids) if generated else []
+        logprobs = list(output.logprobs) if (generated and output.logprobs is not None) else []
+        if body.echo and not streaming:
+            token_ids = prompt.token_ids + token_ids
+            logprobs = (prompt_logprobs or []) + logprobs
+        logprobs = completion_logprobs(token_ids, logprobs, state.tokenizer) if body.logprobs is not None else None
     if kind == "chat":
         if streaming:
             message = {"delta": {"role": "assistant", "content": output.text} if first_chunk else {"content": output.text}}
@@ -137,13 +157,13 @@ def _choice(state, body, kind: str, choice_index: int, prompt, output, *, first_
             message = {"message": {"role": "assistant", "content": output.text}}
         choice = {"index": choice_index, **message, "logprobs": logprobs, "finish_reason": output.finish_reason}
     else:
-        text = output.text
+        text = output.text if body.max_tokens != 0 else ""
         if body.echo and not streaming:
             text = (prompt.text or state.tokenizer.decode(prompt.token_ids)) + text
         choice = {"index": choice_index, "text": text, "logprobs": logprobs,
                   "finish_reason": output.finish_reason, "stop_reason": output.stop_reason}
     if body.return_token_ids:
-        choice["token_ids"] = list(output.token_ids)
+        choice["token_ids"] = list(output.token_ids) if getattr(body, "max_tokens", None) != 0 else []
         if not streaming or first_chunk:
             choice["prompt_token_ids"] = prompt.token_ids
     return choice
@@ -160,8 +180,9 @@ async def _collect(state, run: GenerationRun, body, kind: str, labels: str) -> d
                 if first_token is None and output.token_ids:
                     first_token = time.perf_counter()
                 choice_index = index * body.n + output.index
-                completion_tokens += len(output.token_ids)
-                choices[choice_index] = _choice(state, body, kind, choice_index, run.prompts[index], output)
+                completion_tokens += len(output.token_ids) if getattr(body, "max_tokens", None) != 0 else 0
+                choices[choice_index] = _choice(state, body, kind, choice_index, run.prompts[index], output,
+                                                prompt_logprobs=getattr(result, "prompt_logprobs", None))
     prompt_tokens = sum(len(p.token_ids) for p in run.prompts)
     state.metrics.request_finished(labels, prompt_tokens, completion_tokens, started, first_token)
     return {"id": run.id, "object": "chat.completion" if kind == "chat" else "text_completion",

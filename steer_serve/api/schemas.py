@@ -44,6 +44,7 @@ class SteeringFields(BaseModel):
 class StreamOptions(BaseModel):
     """OpenAI's ``stream_options`` (read only with ``stream: true``)."""
 
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool = Field(default=False, description="end the stream with a chunk holding `usage`")
 
 
@@ -81,7 +82,7 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields, SteeringFields):
     """``POST /v1/completions``: OpenAI's fields plus the intervention fields."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"model": "SmolLM2-135M-Instruct", "prompt": "The capital of France is", "max_tokens": 16,
          "temperature": 0, "intervention": "my-loreft"},
         {"model": "my-loreft", "prompt": [504, 3575, 282, 4649, 314], "max_tokens": 8, "stream": True,
@@ -89,8 +90,10 @@ class CompletionRequest(SamplingFields, SteeringFields):
     model: str | None = Field(default=None, description="the base model's name, or an intervention id")
     prompt: str | list[int] | list[str] | list[list[int]] = Field(description="text, token ids, or a batch of either")
     logprobs: int | None = Field(default=None, ge=0, le=20, description="log-probabilities of the top n tokens")
-    echo: bool = Field(default=False, description="prepend the prompt to the text (non-streaming)")
-    max_tokens: int | None = Field(default=16, ge=1, description="tokens to generate at most")
+    echo: bool = Field(default=False, description="prepend the prompt to the text; with `logprobs`, also the prompt "
+                                                  "tokens' log-probabilities (first one null), as vLLM (non-streaming)")
+    max_tokens: int | None = Field(default=16, ge=0, description="tokens to generate at most; 0 only with `echo` "
+                                                                 "(score the prompt, generate nothing)")
 
     @field_validator("prompt")
     @classmethod
@@ -105,6 +108,7 @@ class CompletionRequest(SamplingFields, SteeringFields):
 class TextPart(BaseModel):
     """A content part of a chat message (this server's models read text only)."""
 
+    model_config = ConfigDict(extra="forbid")
     type: Literal["text"] = Field(description="only `text` parts are accepted")
     text: str = Field(description="the text")
 
@@ -112,6 +116,7 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     """One chat message; ``content`` is a string or a list of text parts."""
 
+    model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant", "developer", "tool"] = Field(description="who speaks")
     content: str | list[TextPart] | None = Field(default=None, description="text, or a list of text parts")
     name: str | None = Field(default=None, max_length=256, description="optional speaker name")
@@ -126,7 +131,7 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingFields, SteeringFields):
     """``POST /v1/chat/completions``: OpenAI's fields plus the intervention fields."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "What is the capital of France?"}],
          "max_tokens": 32, "temperature": 0, "interventions": [{"id": "my-loreft", "scale": 0.8}]},
         {"model": "my-loreft", "messages": [{"role": "user", "content": "Tell me about yourself."}],
