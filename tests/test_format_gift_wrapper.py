@@ -30,3 +30,16 @@ def test_config_dir_and_errors(tmp_path):
     assert gift_root(DATA / "gift_identity") is None
     with pytest.raises(InterventionFormatError, match="matches no linear layer"):
         gift_wrapper_to_lora(read_gift_wrapper(DATA / "gift_identity" / "save"), {"x.weight": torch.zeros(2, 2)})
+
+
+def test_registers_as_a_lora_adapter(tmp_path):
+    from steer_serve.formats.adapters import adapter_format, load_weight_adapter
+
+    save = DATA / "gift_gelu_bias" / "save"
+    assert adapter_format(save) == adapter_format(save / "config") == "gift"
+    adapter = load_weight_adapter(save, tmp_path, base_model_dir=str(Path(__file__).parent / "fixtures" / "data" /
+                                                                     "tiny_llama"), max_rank=16)
+    assert adapter.rank == 4 and adapter.target_modules == ["down_proj", "q_proj"]
+    with pytest.raises(InterventionFormatError, match="rank 4 exceeds"):
+        load_weight_adapter(save, tmp_path / "b", base_model_dir=str(Path(__file__).parent / "fixtures" / "data" /
+                                                                     "tiny_llama"), max_rank=2)
