@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from .atomic import write_directory
 from .errors import InterventionFormatError
 from .gift import PEFT_TYPES as GIFT_TYPES
-from .gift import convert_gift_dir
+from .gift import convert_gift_dir, write_peft_lora_dir
+from .gift_wrapper import gift_root, gift_wrapper_to_lora, read_gift_wrapper
 from .sources import load_safetensors, read_json, safe_torch_load
 
 CONFIG_FILE = "adapter_config.json"
@@ -44,6 +45,8 @@ class WeightAdapter:
 
 def adapter_format(directory: Path) -> str | None:
     """``"peft_lora"`` or ``"gift"`` when ``directory`` holds such an adapter, else None."""
+    if gift_root(directory) is not None:
+        return "gift"
     config_path = Path(directory) / CONFIG_FILE
     if not config_path.is_file():
         return None
@@ -108,7 +111,10 @@ def load_weight_adapter(directory: str | os.PathLike, dest_root: str | os.PathLi
     dest_root = Path(dest_root)
     dest_root.mkdir(parents=True, exist_ok=True)
     staging = dest_root / f".incoming-{os.getpid()}-{id(directory)}"
-    if fmt == "gift":
+    if fmt == "gift" and gift_root(directory) is not None:
+        base = load_file(str(Path(base_model_dir) / "model.safetensors"))
+        write_peft_lora_dir(gift_wrapper_to_lora(read_gift_wrapper(directory), base), staging, overwrite=True)
+    elif fmt == "gift":
         base = load_file(str(Path(base_model_dir) / "model.safetensors"))
         convert_gift_dir(directory, staging, base, overwrite=True)
     elif fmt == "peft_lora":
