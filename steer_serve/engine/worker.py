@@ -31,7 +31,8 @@ def encode_slot_payload(site_edits: dict[tuple[int, str], LowRankEdit]) -> tuple
         for name in _LOWRANK_FIELDS:
             value = getattr(edit, name)
             if value is not None:
-                tensors[f"{i}.{name}"] = value.detach().to(torch.float32).cpu().clone()  # P and U may alias
+                # P and U may alias, and may be transposed views (NoReFT's P = U = W₂ᵀ): own, contiguous copies
+                tensors[f"{i}.{name}"] = value.detach().to(torch.float32).cpu().clone(memory_format=torch.contiguous_format)
     return save(tensors), json.dumps(meta)
 
 
