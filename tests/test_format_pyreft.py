@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fixture_cases import DATA, cases
+from fixture_cases import DATA, assert_param_equal, cases
 from steer_serve.formats.errors import InterventionFormatError
 from steer_serve.formats.pyreft import read_pyreft_dir
 from steer_serve.formats.pyvene import parse_key, resolve_orthogonal
@@ -24,8 +24,8 @@ def assert_params_equal(got: dict, want: dict) -> None:
     for name, tensor in want.items():
         assert got[name].dtype == tensor.dtype, name
         assert got[name].shape == tensor.shape, name
-        # rotate_layer is recomputed by torch's orthogonal parametrization: same code, same bits
-        assert torch.equal(got[name], tensor), (name, (got[name].float() - tensor.float()).abs().max())
+        assert_param_equal(name, got[name], tensor)
+
 
 
 def test_every_pyreft_family_has_a_save_dir():

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from fixture_cases import cases
+from fixture_cases import assert_param_equal, cases
 from steer_serve.formats.errors import InterventionFormatError
 from steer_serve.formats.pyvene import read_pyvene_dir
 from steer_serve.interventions import apply_edit_lowrank, edit_config, get_family, reference_apply
@@ -39,7 +39,7 @@ def test_reads_pyvene_dir(case):
     want = case.params()
     assert set(edit.params) == set(want)
     for name, tensor in want.items():
-        assert torch.equal(edit.params[name], tensor), name
+        assert_param_equal(name, edit.params[name], tensor)
     io = case.io()
     if case.per_head:
         assert edit.placement == Placement(2, "head_attention_value_output", 1)
