@@ -32,6 +32,7 @@ class Output:
 class Result:
     outputs: list[Output] = field(default_factory=list)
     num_cached_tokens: int = 0
+    prompt_logprobs: list | None = None
 
 
 class FakeEngine:

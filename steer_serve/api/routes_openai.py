@@ -133,6 +133,15 @@ async def _finish(state, run: GenerationRun) -> None:
     state.limiter.leave()
 
 
+def _scores_only(body) -> bool:
+    """``max_tokens: 0`` (with ``echo``): the engine ran one token that the answer leaves out."""
+    return body.max_tokens == 0
+
+
+def _generated_ids(body, output) -> list[int]:
+    return [] if _scores_only(body) else list(output.token_ids)
+
+
 def _choice(state, body, kind: str, choice_index: int, prompt, output, *, first_chunk: bool | None = None,
             prompt_logprobs: list | None = None) -> dict:
     """One choice of a response (``first_chunk`` set: of a stream chunk, whose text is a delta).
@@ -143,9 +152,8 @@ def _choice(state, body, kind: str, choice_index: int, prompt, output, *, first_
     if kind == "chat":
         logprobs = chat_logprobs(output, state.tokenizer, body.top_logprobs or 0)
     else:
-        generated = body.max_tokens != 0
-        token_ids = list(output.token_ids) if generated else []
-        logprobs = list(output.logprobs) if (generated and output.logprobs is not None) else []
+        token_ids = _generated_ids(body, output)
+        logprobs = list(output.logprobs or []) if token_ids else []
         if body.echo and not streaming:
             token_ids = prompt.token_ids + token_ids
             logprobs = (prompt_logprobs or []) + logprobs
@@ -157,13 +165,13 @@ def _choice(state, body, kind: str, choice_index: int, prompt, output, *, first_
             message = {"message": {"role": "assistant", "content": output.text}}
         choice = {"index": choice_index, **message, "logprobs": logprobs, "finish_reason": output.finish_reason}
     else:
-        text = output.text if body.max_tokens != 0 else ""
+        text = output.text if not _scores_only(body) else ""
         if body.echo and not streaming:
             text = (prompt.text or state.tokenizer.decode(prompt.token_ids)) + text
         choice = {"index": choice_index, "text": text, "logprobs": logprobs,
                   "finish_reason": output.finish_reason, "stop_reason": output.stop_reason}
     if body.return_token_ids:
-        choice["token_ids"] = list(output.token_ids) if getattr(body, "max_tokens", None) != 0 else []
+        choice["token_ids"] = _generated_ids(body, output)
         if not streaming or first_chunk:
             choice["prompt_token_ids"] = prompt.token_ids
     return choice
@@ -180,9 +188,9 @@ async def _collect(state, run: GenerationRun, body, kind: str, labels: str) -> d
                 if first_token is None and output.token_ids:
                     first_token = time.perf_counter()
                 choice_index = index * body.n + output.index
-                completion_tokens += len(output.token_ids) if getattr(body, "max_tokens", None) != 0 else 0
+                completion_tokens += len(_generated_ids(body, output))
                 choices[choice_index] = _choice(state, body, kind, choice_index, run.prompts[index], output,
-                                                prompt_logprobs=getattr(result, "prompt_logprobs", None))
+                                                prompt_logprobs=result.prompt_logprobs)
     prompt_tokens = sum(len(p.token_ids) for p in run.prompts)
     state.metrics.request_finished(labels, prompt_tokens, completion_tokens, started, first_token)
     return {"id": run.id, "object": "chat.completion" if kind == "chat" else "text_completion",
