@@ -145,7 +145,9 @@ class InterventionRegistry:
     def check_geometry(self, iv: Intervention) -> dict[tuple[int, str], LowRankEdit]:
         """Validate against what the engine hooks; return the compiled site edits."""
         if not self.num_slots:
-            raise RegistryError("this server's base model does not support interventions", status=400)
+            architecture = self.engine.geometry.get("architecture", "this base model")
+            raise RegistryError(f"interventions are not supported on {architecture}: it has no steering table "
+                                "(see README, Supported models); the model is served plain", status=400)
         if self.hidden_size and iv.hidden_size != self.hidden_size:
             raise RegistryError(f"intervention hidden size {iv.hidden_size} does not match the base model's "
                                 f"{self.hidden_size}", param="source")

@@ -5,9 +5,6 @@ from dataclasses import asdict, dataclass, field
 
 from steer_serve.interventions.base import COMPONENTS
 
-#: Architectures we know how to make steerable (see README "Supported models").
-STEERABLE_ARCHITECTURES = {"LlamaForCausalLM": "SteerLlamaForCausalLM"}
-
 _CONFIG_KEY = "steer_serve"
 
 

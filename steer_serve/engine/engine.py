@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from steer_serve.engine.config import STEERABLE_ARCHITECTURES, RequestSteering, SteerConfig
+from steer_serve.engine.architectures import steer_class_name, steerable_architecture
+from steer_serve.engine.config import RequestSteering, SteerConfig
 from steer_serve.engine.worker import encode_slot_payload
 from steer_serve.interventions.base import LowRankEdit
 
@@ -60,11 +61,12 @@ class SteerEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         architectures = json.loads((Path(settings.model) / "config.json").read_text()).get("architectures", [])
-        steer_arch = next((STEERABLE_ARCHITECTURES[a] for a in architectures if a in STEERABLE_ARCHITECTURES), None)
+        architecture = steerable_architecture(architectures)
+        steer_arch = steer_class_name(architecture) if architecture else None
         steer = settings.steer
         if cuda and not (settings.enforce_eager or steer.always_active):
             steer = SteerConfig(**{**steer.__dict__, "always_active": True})
-        hf_overrides = {"architectures": [steer_arch], **steer.to_override()} if steer_arch else None
+        hf_overrides = {"architectures": [steer_arch], **steer.to_override()} if steer_arch else {}
         if steer_arch is None:
             logger.warning("architecture %s is not steerable; serving the plain model", architectures)
         args = AsyncEngineArgs(
@@ -85,9 +87,9 @@ class SteerEngine:
             max_lora_rank=settings.max_lora_rank,
         )
         llm = AsyncLLM.from_engine_args(args)
-        geometry = None
+        geometry = {"architecture": ", ".join(architectures)}
         if steer_arch:
-            geometry = (await llm.collective_rpc("steer_install"))[0]
+            geometry |= (await llm.collective_rpc("steer_install"))[0]
         return cls(llm, settings, steer_arch is not None, geometry)
 
     @property
@@ -102,7 +104,7 @@ class SteerEngine:
 
         if steering is not None and steering.slots:
             if not self.steerable:
-                raise ValueError("this base model does not support interventions")
+                raise ValueError(f"interventions are not supported on {self.geometry['architecture']}")
             sampling_params.extra_args = {**(sampling_params.extra_args or {}), **steering.to_extra_args()}
         prompt = {"prompt_token_ids": list(prompt_token_ids)}
         if cache_salt:

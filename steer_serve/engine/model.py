@@ -1,76 +1,58 @@
-"""``SteerLlamaForCausalLM``: vLLM's own Llama, built with intervention-aware decoder layers.
+"""Steerable versions of vLLM's stock models: the stock class plus slot tables and module hooks.
 
-Nothing of vLLM is copied: the stock ``LlamaForCausalLM`` accepts a ``layer_type`` and the stock
-``LlamaDecoderLayer`` an ``attn_layer_type``; we pass subclasses that own, per hooked component,
-fixed-size slot tables (``register_buffer``, so they exist before any graph is captured) and call
-one batched kernel per intervention column on the tokens of the step.
+Nothing of vLLM is copied or subclassed per layer. For an architecture with a table in
+:mod:`.architectures`, ``Steer<Arch>`` (built on demand by this module's ``__getattr__``, which is
+what vLLM's registry imports) runs the stock ``__init__`` and then, on every decoder layer,
+registers fixed-size slot tables per hooked component (``register_buffer``, so they exist before any
+graph is captured) and a forward (pre-)hook at the module the table names. A hook calls one
+batched kernel per intervention column on the tokens of the step, and only when an intervention
+of this step touches that site.
 
-Components, as pyvene names them for Llama:
-``attention_value_output`` input of ``o_proj``; ``attention_output`` output of ``self_attn``;
-``mlp_output`` output of ``mlp``; ``block_output`` the residual stream after the layer. vLLM keeps
-the residual separate (fused add + RMSNorm in the next layer), so a block-output edit is computed
-on ``hidden + residual`` and returned as the new hidden state with a zero residual — the next
-layer's fused add (and the final norm's) then sees exactly that sum, bit for bit as Hugging Face's
-layer output.
+Block output under vLLM's fused residual: a Llama-style layer returns ``(hidden, residual)`` and
+the next layer (or the final norm) adds them. The edit is computed on ``hidden + residual`` and
+returned as the new hidden state with a zero residual, so the next fused add sees exactly that
+sum, bit for bit as Hugging Face's layer output.
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import nn
-from vllm.config import VllmConfig
-from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
-from vllm.model_executor.models.utils import extract_layer_index
 
+from steer_serve.engine.architectures import ARCHITECTURES, STEER_PREFIX, ArchitectureTable, steer_class_name
 from steer_serve.engine.config import SteerConfig
 from steer_serve.engine.step_state import StepState
 from steer_serve.kernels import SlotTables, apply_interventions, register_slot_tables
 
 
-class SteerLlamaAttention(LlamaAttention):
-    """Llama attention that lets its layer edit the input of ``o_proj`` (attention_value_output)."""
+class LayerSteering:
+    """The slot tables of one decoder layer and the step state its hooks read."""
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        qkv, _ = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary_emb(positions, q, k)
-        attn_output = self.attn(q, k, v)
-        attn_output = self.steer_layer.steer("attention_value_output", attn_output)
-        output, _ = self.o_proj(attn_output)
-        return output
-
-
-class SteerLlamaDecoderLayer(LlamaDecoderLayer):
-    """Llama decoder layer with slot tables for each hooked component."""
-
-    def __init__(self, vllm_config: VllmConfig, prefix: str = "", config=None):
-        super().__init__(vllm_config, prefix=prefix, config=config, attn_layer_type=SteerLlamaAttention)
-        self.layer_idx = extract_layer_index(prefix)
-        self.steer_config = SteerConfig.from_hf_config(vllm_config.model_config.hf_config)
-        self.self_attn.__dict__["steer_layer"] = self  # plain reference, not a submodule
-        self.step_state: StepState | None = None  # set by the model after construction
-        value_width = self.self_attn.num_heads * self.self_attn.head_dim
-        self._tables: dict[str, SlotTables] = {}
-        for component in self.steer_config.components:
-            width = value_width if component == "attention_value_output" else self.hidden_size
-            self._tables[component] = register_slot_tables(
-                self, f"steer_{component}", self.steer_config.num_slots + 1, self.steer_config.max_rank, width,
-                device=torch.get_default_device())
+    def __init__(self, layer: nn.Module, layer_idx: int, step_state: StepState, widths: dict[str, int]):
+        self.layer = layer
+        self.layer_idx = layer_idx
+        self.step_state = step_state
+        config = step_state.config
+        self.components = config.components
+        self._tables = {component: register_slot_tables(layer, f"steer_{component}", config.num_slots + 1,
+                                                        config.max_rank, widths[component],
+                                                        device=torch.get_default_device())
+                        for component in self.components}
 
     def slot_tables(self, component: str) -> SlotTables:
-        """The tables of one component (re-viewed if the module's buffers were moved)."""
+        """The tables of one component (re-viewed if the layer's buffers were moved)."""
         tables = self._tables[component]
-        if tables.wp is not getattr(self, f"steer_{component}_wp"):
-            tables = self._tables[component] = SlotTables.from_buffers(self, f"steer_{component}")
+        if tables.wp is not getattr(self.layer, f"steer_{component}_wp"):
+            tables = self._tables[component] = SlotTables.from_buffers(self.layer, f"steer_{component}")
         return tables
 
-    def _hooked(self, component: str) -> bool:
-        """Whether ``component`` has tables here and an intervention of this step touches it."""
-        return component in self.steer_config.components and self.step_state.is_active(self.layer_idx, component)
+    def hooked(self, component: str) -> bool:
+        """Whether an intervention of this step touches ``component`` of this layer."""
+        return self.step_state.is_active(self.layer_idx, component)
 
     def steer(self, component: str, x: torch.Tensor) -> torch.Tensor:
         """Apply this step's interventions at ``component`` to ``x`` (one kernel call per column)."""
-        if not self._hooked(component):
-            return x
         state = self.step_state
         tables = self.slot_tables(component)
         num_tokens = x.shape[0]
@@ -78,48 +60,106 @@ class SteerLlamaDecoderLayer(LlamaDecoderLayer):
             x = apply_interventions(x, state.slots[column, :num_tokens], state.coef[column, :num_tokens], tables)
         return x
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
-                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
+
+def _output_hook(steering: LayerSteering, component: str):
+    def hook(module, args, output):
+        if not steering.hooked(component):
+            return output
+        if isinstance(output, tuple):
+            return (steering.steer(component, output[0]), *output[1:])
+        return steering.steer(component, output)
+    return hook
+
+
+def _input_hook(steering: LayerSteering, component: str):
+    def hook(module, args):
+        if not steering.hooked(component):
+            return args
+        return (steering.steer(component, args[0]), *args[1:])
+    return hook
+
+
+def _fused_block_output_hook(steering: LayerSteering):
+    def hook(module, args, output):
+        if not steering.hooked("block_output"):
+            return output
+        hidden, residual = output
+        # the edited sum becomes the hidden state; a zero residual keeps the next fused add exact
+        return steering.steer("block_output", hidden + residual), torch.zeros_like(residual)
+    return hook
+
+
+def _install_layer_hooks(layer: nn.Module, steering: LayerSteering, table: ArchitectureTable) -> None:
+    for component in steering.components:
+        path, where = table.sites[component]
+        module = layer.get_submodule(path)
+        if component == "block_output" and table.fused_residual:
+            module.register_forward_hook(_fused_block_output_hook(steering))
+        elif where == "output":
+            module.register_forward_hook(_output_hook(steering, component))
         else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states)
-        hidden_states = self.steer("attention_output", hidden_states)
-
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        hidden_states = self.mlp(hidden_states)
-        hidden_states = self.steer("mlp_output", hidden_states)
-        if self._hooked("block_output"):
-            # the edited sum becomes the hidden state; a zero residual keeps the next fused add exact
-            return self.steer("block_output", hidden_states + residual), torch.zeros_like(residual)
-        return hidden_states, residual
+            module.register_forward_pre_hook(_input_hook(steering, component))
 
 
-class SteerLlamaForCausalLM(LlamaForCausalLM):
-    """Llama whose layers are :class:`SteerLlamaDecoderLayer`; owns the shared per-step buffers."""
+def _install_steering(model: nn.Module, vllm_config, table: ArchitectureTable) -> None:
+    """Give a freshly built stock model its per-step buffers, per-layer tables and hooks."""
+    config = SteerConfig.from_hf_config(vllm_config.model_config.hf_config)
+    unknown = set(config.components) - set(table.sites)
+    if unknown:
+        raise ValueError(f"components {sorted(unknown)} have no site in this architecture's table")
+    sched = vllm_config.scheduler_config
+    max_tokens = max(sched.max_num_batched_tokens, sched.max_num_seqs)
+    model.register_buffer("steer_slots", torch.zeros(config.max_columns, max_tokens, dtype=torch.int64),
+                          persistent=False)
+    model.register_buffer("steer_coef", torch.zeros(config.max_columns, max_tokens, dtype=torch.float32),
+                          persistent=False)
+    model.steer_step_state = StepState(config, model.steer_slots, model.steer_coef)
+    hidden_size = vllm_config.model_config.get_hidden_size()
+    layers = model.get_submodule(table.layers)
+    model.steer_layers = []
+    for index, layer in enumerate(layers):
+        if type(layer).__name__ == "PPMissingLayer":       # another pipeline stage's layer
+            continue
+        attention = layer.get_submodule(table.attention)
+        value_width = attention.num_heads * attention.head_dim
+        widths = {c: value_width if c == "attention_value_output" else hidden_size for c in config.components}
+        steering = LayerSteering(layer, index, model.steer_step_state, widths)
+        _install_layer_hooks(layer, steering, table)
+        model.steer_layers.append(steering)
+    first = model.steer_layers[0].layer.get_submodule(table.attention)
+    model.steer_geometry = {"num_slots": config.num_slots, "max_rank": config.max_rank,
+                            "max_columns": config.max_columns, "components": list(config.components),
+                            "num_layers": len(layers), "hidden_size": hidden_size,
+                            "value_width": first.num_heads * first.head_dim, "num_heads": first.num_heads}
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=SteerLlamaDecoderLayer)
-        config = SteerConfig.from_hf_config(vllm_config.model_config.hf_config)
-        sched = vllm_config.scheduler_config
-        max_tokens = max(sched.max_num_batched_tokens, sched.max_num_seqs)
-        self.register_buffer("steer_slots", torch.zeros(config.max_columns, max_tokens, dtype=torch.int64),
-                             persistent=False)
-        self.register_buffer("steer_coef", torch.zeros(config.max_columns, max_tokens, dtype=torch.float32),
-                             persistent=False)
-        self.step_state = StepState(config, self.steer_slots, self.steer_coef)
-        for layer in self.steer_layers():
-            layer.step_state = self.step_state
 
-    def steer_layers(self) -> list[SteerLlamaDecoderLayer]:
-        return [m for m in self.model.layers if isinstance(m, SteerLlamaDecoderLayer)]
+def _steer_class(architecture: str) -> type:
+    """``Steer<architecture>``: the stock vLLM class whose ``__init__`` also installs steering."""
+    table = ARCHITECTURES[architecture]
+    module_name, class_name = table.vllm_class.split(":")
+    stock = getattr(importlib.import_module(module_name), class_name)
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        stock.__init__(self, vllm_config=vllm_config, prefix=prefix)
+        _install_steering(self, vllm_config, table)
+
+    return type(steer_class_name(architecture), (stock,), {
+        "__init__": __init__, "__module__": __name__,
+        "__doc__": f"vLLM's {class_name} with slot-gathered interventions at its hooked components."})
 
 
-def steerable_model(model: nn.Module) -> SteerLlamaForCausalLM | None:
+def __getattr__(name: str) -> type:
+    """``Steer<Arch>`` classes, built on first use (vLLM's registry imports them by name)."""
+    architecture = name[len(STEER_PREFIX):] if name.startswith(STEER_PREFIX) else None
+    if architecture not in ARCHITECTURES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    cls = globals()[name] = _steer_class(architecture)
+    return cls
+
+
+def steerable_model(model: nn.Module) -> nn.Module | None:
     """The steerable model inside whatever wrapper the runner holds, or None."""
     for module in (model, getattr(model, "model", None), getattr(model, "module", None)):
-        if isinstance(module, SteerLlamaForCausalLM):
+        if hasattr(module, "steer_step_state"):
             return module
     return None

@@ -51,7 +51,7 @@ class SteerWorkerExtension:
     def _steer_model(self):
         model = steerable_model(self.model_runner.get_model())
         if model is None:
-            raise RuntimeError("the loaded model is not steerable (expected SteerLlamaForCausalLM)")
+            raise RuntimeError("the loaded model is not steerable (no Steer<Arch> class was built)")
         return model
 
     def steer_install(self) -> dict:
@@ -60,40 +60,35 @@ class SteerWorkerExtension:
         model = self._steer_model()
         if not getattr(runner, "_steer_installed", False):
             runner._prepare_inputs = functools.partial(_prepare_inputs_with_steering, runner,
-                                                       runner._prepare_inputs, model.step_state)
+                                                       runner._prepare_inputs, model.steer_step_state)
             runner._steer_installed = True
-        config = model.step_state.config
-        attn = model.steer_layers()[0].self_attn
-        return {"num_slots": config.num_slots, "max_rank": config.max_rank,
-                "max_columns": config.max_columns, "components": list(config.components),
-                "num_layers": len(model.steer_layers()), "hidden_size": model.config.hidden_size,
-                "value_width": attn.num_heads * attn.head_dim, "num_heads": attn.num_heads}
+        return model.steer_geometry
 
     def steer_write_slot(self, slot: int, blob: bytes, meta_json: str) -> None:
         """Write one intervention into ``slot`` of every layer (sites it doesn't touch are cleared)."""
         model = self._steer_model()
         edits = _decode_slot_payload(blob, meta_json)
-        layers = model.steer_layers()
-        for layer, component in edits:
-            if not 0 <= layer < len(layers) or component not in layers[0].steer_config.components:
-                raise ValueError(f"site (layer {layer}, {component}) is not hooked in this engine")
-        for layer in layers:
-            for component in layer.steer_config.components:
+        hooked = {(layer.layer_idx, component) for layer in model.steer_layers for component in layer.components}
+        for site in edits:
+            if site not in hooked:
+                raise ValueError(f"site (layer {site[0]}, {site[1]}) is not hooked in this engine")
+        for layer in model.steer_layers:
+            for component in layer.components:
                 edit = edits.get((layer.layer_idx, component))
                 tables = layer.slot_tables(component)
                 if edit is None:
                     tables.clear(slot)
                 else:
                     tables.write(slot, edit)
-        model.step_state.set_slot_sites(slot, list(edits))
+        model.steer_step_state.set_slot_sites(slot, list(edits))
 
     def steer_clear_slot(self, slot: int) -> None:
         """Zero ``slot`` everywhere."""
         model = self._steer_model()
-        for layer in model.steer_layers():
-            for component in layer.steer_config.components:
+        for layer in model.steer_layers:
+            for component in layer.components:
                 layer.slot_tables(component).clear(slot)
-        model.step_state.set_slot_sites(slot, [])
+        model.steer_step_state.set_slot_sites(slot, [])
 
 
 def _prepare_inputs_with_steering(runner, original, state, scheduler_output, num_scheduled_tokens: np.ndarray):
