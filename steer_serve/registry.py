@@ -142,12 +142,16 @@ class InterventionRegistry:
         self._slot_lock = asyncio.Lock()
 
     # ----- registration -------------------------------------------------------------------
-    def check_geometry(self, iv: Intervention) -> dict[tuple[int, str], LowRankEdit]:
-        """Validate against what the engine hooks; return the compiled site edits."""
+    def require_interventions(self) -> None:
+        """Refuse (400, naming the architecture) when the base model is served plain."""
         if not self.num_slots:
-            architecture = self.engine.geometry.get("architecture", "this base model")
+            architecture = self.engine.geometry.get("architecture") or "this base model"
             raise RegistryError(f"interventions are not supported on {architecture}: it has no steering table "
                                 "(see README, Supported models); the model is served plain", status=400)
+
+    def check_geometry(self, iv: Intervention) -> dict[tuple[int, str], LowRankEdit]:
+        """Validate against what the engine hooks; return the compiled site edits."""
+        self.require_interventions()
         if self.hidden_size and iv.hidden_size != self.hidden_size:
             raise RegistryError(f"intervention hidden size {iv.hidden_size} does not match the base model's "
                                 f"{self.hidden_size}", param="source")
@@ -262,6 +266,8 @@ class InterventionRegistry:
 
         At most one of the ids may be a weight-space adapter; it rides on vLLM's own LoRA slots.
         """
+        if any(i not in self.entries or not self.entries[i].adapter for i, _, _ in requested):
+            self.require_interventions()
         named = [(self.get(i), scale, positions) for i, scale, positions in requested]
         adapters = list(dict.fromkeys(e for e, _, _ in named if e.adapter))
         if len(adapters) > 1:

@@ -8,14 +8,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import threading
 import time
 
 import httpx
 import pytest
 
 from conftest import ADMIN_KEY, USER_KEY
-from fake_engine import FAULT_TOKEN, fake_app
+from fake_engine import FAULT_TOKEN, FakeEngine, fake_app
 from steering_helpers import random_loreft, register
 
 USER = {"Authorization": f"Bearer {USER_KEY}"}
@@ -181,51 +180,22 @@ def test_413_declared_chunked_and_uploaded(guarded):
     assert_error(guarded.get("/v1/interventions/too-big"), 404)
 
 
-def _stream_until_first_chunk(url: str, started: threading.Event, results: list, max_tokens: int = 16):
-    body = {"prompt": "Count slowly:", "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
-            "temperature": 0}
-    with httpx.Client(base_url=url, timeout=120, headers=ADMIN) as client:
-        with client.stream("POST", "/v1/completions", json=body) as response:
-            lines = []
-            for line in response.iter_lines():
-                if line.startswith("data: "):
-                    started.set()
-                    lines.append(line)
-            results.append((response.status_code, lines, time.monotonic()))
-
-
-def _probe_while_two_stream(url: str, guarded: httpx.Client):
-    """Start two streams, send a third request while both are open; (probe response, stream results).
-
-    ``None`` when a stream had already ended before the probe was answered (16 tokens can finish
-    that fast on an idle machine): the probe then says nothing about the limit."""
-    results: list = []
-    events = [threading.Event(), threading.Event()]
-    threads = [threading.Thread(target=_stream_until_first_chunk, args=(url, e, results)) for e in events]
-    for t in threads:
-        t.start()
-    assert all(e.wait(60) for e in events)
-    response = guarded.post("/v1/completions", json={"prompt": "one more", "max_tokens": 2})
-    answered = time.monotonic()
-    for t in threads:
-        t.join(120)
-    assert [status for status, _, _ in results] == [200, 200]
-    assert all(lines[-1] == "data: [DONE]" for _, lines, _ in results)
-    if min(ended for _, _, ended in results) < answered and response.status_code == 200:
-        return None
-    return response
-
-
-def test_429_with_retry_after_at_the_concurrency_limit(guarded_server, guarded):
-    for _ in range(5):
-        response = _probe_while_two_stream(guarded_server.url, guarded)
-        if response is not None:
-            break
-    assert response is not None, "both streams never stayed open long enough to probe the limit"
-    error = assert_error(response, 429, "rate_limit_exceeded")
-    assert error["type"] == "rate_limit_error" and int(response.headers["retry-after"]) >= 1
-    assert guarded.get("/v1/models").status_code == 200        # only generation counts against the limit
-    assert guarded.post("/v1/completions", json={"prompt": "again", "max_tokens": 2}).status_code == 200
+async def test_429_with_retry_after_at_the_concurrency_limit():
+    """Two slow requests fill a limit of 2; a third gets 429, and passes once they are done."""
+    app, state = fake_app(FakeEngine(step_seconds=0.05), max_concurrent_requests=2)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://fake") as client:
+        slow = [asyncio.create_task(client.post("/v1/completions", json={"prompt": [5], "max_tokens": 200}))
+                for _ in range(2)]
+        while state.limiter.in_flight < 2:
+            await asyncio.sleep(0.01)
+        response = await client.post("/v1/completions", json={"prompt": [5], "max_tokens": 2})
+        error = assert_error(response, 429, "rate_limit_exceeded")
+        assert error["type"] == "rate_limit_error" and int(response.headers["retry-after"]) >= 1
+        assert (await client.get("/v1/models")).status_code == 200     # only generation counts against the limit
+        assert [r.status_code for r in await asyncio.gather(*slow)] == [200, 200]
+        assert (await client.post("/v1/completions", json={"prompt": [5], "max_tokens": 2})).status_code == 200
+        assert state.limiter.in_flight == 0
 
 
 def test_errors_by_code_in_metrics(guarded):

@@ -142,5 +142,8 @@ def test_unsteerable_architecture_is_served_plain_and_refuses_interventions(tmp_
                                                               "source": str(intervention_dir / "opt-vector")})
             assert response.status_code == 400, response.text
             assert "OPTForCausalLM" in response.json()["error"]["message"]
+            response = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "intervention": "any"})
+            assert response.status_code == 400, response.text
+            assert "OPTForCausalLM" in response.json()["error"]["message"]
     finally:
         proc.stop()

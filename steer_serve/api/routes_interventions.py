@@ -85,6 +85,7 @@ async def create_intervention(request: Request):
                                               base_model_dir=state.model_path, max_rank=state.registry.max_lora_rank)
             entry = await state.registry.register_adapter(body.id, adapter, source=body.source, replace=body.replace)
             return JSONResponse(describe_entry(state, entry), status_code=201)
+        state.registry.require_interventions()
         iv = await asyncio.to_thread(
             load_intervention, body.source, format=body.format, allowed_dirs=state.allowed_dirs,
             positions=body.positions, act_fn=body.act_fn, scale=body.scale, allow_hub=state.allow_hub,
@@ -118,6 +119,7 @@ async def _from_upload(request: Request, state):
         iv.positions = body.positions
     if body.scale is not None:
         iv.scale = body.scale
+    state.registry.require_interventions()
     iv = validate_intervention(iv, **_limits(state))
     return body, iv, "upload", "native"
 
