@@ -113,12 +113,34 @@ def _add_inspect(sub) -> None:
     p.add_argument("path", help="intervention directory or hub id")
     p.add_argument("--format", default="auto", help="source format")
     p.add_argument("--json", action="store_true", help="print JSON")
+    width = p.add_mutually_exclusive_group()
+    width.add_argument("--hidden-size", type=int, default=None,
+                       help="the base model's hidden size (for directories that store no tensor, e.g. ZeroIntervention)")
+    width.add_argument("--model", default=None, metavar="DIR",
+                       help="base model directory: hidden size and layer count from its config.json")
+
+
+def _model_geometry(model_dir: str) -> tuple[int, int | None]:
+    """(hidden_size, num_hidden_layers) from a model directory's ``config.json``."""
+    from pathlib import Path
+
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except OSError as exc:
+        raise ValueError(f"cannot read the model's config.json: {exc}") from exc
+    cfg = cfg.get("text_config", cfg)  # multimodal wrappers (Gemma 3) nest the text model's config
+    hidden = cfg.get("hidden_size", cfg.get("n_embd"))
+    if not isinstance(hidden, int):
+        raise ValueError(f"{model_dir}/config.json has no integer hidden_size")
+    return hidden, cfg.get("num_hidden_layers", cfg.get("n_layer"))
 
 
 def _inspect(args) -> None:
     from steer_serve.formats import describe_intervention, load_intervention
 
-    summary = describe_intervention(load_intervention(args.path, format=args.format))
+    hidden_size, num_layers = _model_geometry(args.model) if args.model else (args.hidden_size, None)
+    summary = describe_intervention(load_intervention(args.path, format=args.format, hidden_size=hidden_size,
+                                                      num_layers=num_layers))
     if args.json:
         print(json.dumps(summary, indent=2))
         return
