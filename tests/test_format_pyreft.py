@@ -96,7 +96,7 @@ def test_parse_key_both_schemes():
     assert parse_key("layer.15.comp.block_output.unit.pos.nunit.1#0") == (15, "block_output", "pos")
     assert parse_key("layer_2_comp_head_attention_value_output_unit_h_pos_nunit_1#3") == \
         (2, "head_attention_value_output", "h.pos")
-    with pytest.raises(InterventionFormatError, match="string-addressed"):
+    with pytest.raises(InterventionFormatError, match="cannot parse intervention key"):
         parse_key("comp_model_layers[3]_mlp_unit_pos_nunit_1#0")
 
 

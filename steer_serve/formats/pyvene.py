@@ -11,7 +11,9 @@ pyreft saves through the same code, so this module holds the shared reader and
   interventions with nothing to save (``ZeroIntervention``). Keys are
   ``layer_<L>_comp_<component>_unit_<unit>_nunit_<n>#<i>`` since pyvene 0.1.8 and
   ``layer.<L>.comp.<component>.unit.<unit>.nunit.<n>#<i>`` before; both are read, and the
-  placement (layer, component) is parsed from the key.
+  placement (layer, component) is parsed from the key. A string-addressed component
+  (``"component": "model.layers[15].mlp.output"``, key ``comp_model_layers[15]_mlp_output_...``)
+  is resolved to the same placement by :mod:`.module_paths`.
 
 Checkpoints are opened with ``torch.load(weights_only=True)`` only. Orthogonally parametrized
 weights (``rotate_layer.parametrizations.weight.original`` + ``...0.base``) are resolved with
@@ -33,6 +35,7 @@ import torch
 from ..interventions import edit_config, get_family
 from ..interventions.base import COMPONENTS, Edit, Intervention, Placement
 from .errors import InterventionFormatError
+from .module_paths import is_module_path, resolve_module_path
 from .sources import read_json, safe_torch_load
 
 _NEW_KEY = re.compile(r"^layer_(?P<layer>\d+)_comp_(?P<comp>.+?)_unit_(?P<unit>.+)_nunit_(?P<n>\d+)#(?P<i>\d+)$")
@@ -87,8 +90,7 @@ def parse_key(key: str) -> tuple[int, str, str]:
     m = isinstance(key, str) and (_NEW_KEY.match(key) or _OLD_KEY.match(key))
     if not m:
         _fail(f"cannot parse intervention key {key!r}: expected layer_<L>_comp_<component>_unit_<unit>_nunit_<n>#<i> "
-              "(or the older layer.<L>.comp.<component>... form); string-addressed module components are not "
-              "supported", param="sorted_keys")
+              "(or the older layer.<L>.comp.<component>... form)", param="sorted_keys")
     return int(m["layer"]), m["comp"], m["unit"].replace("_", ".")
 
 
@@ -214,8 +216,10 @@ def _candidate_keys(rep: dict, counters: dict) -> list[str]:
     """The keys pyvene (new and old scheme) gives this representation, in config order."""
     layer, comp = rep.get("layer", 0), rep.get("component", "block_output")
     unit, n = rep.get("unit", "pos"), rep.get("max_number_of_units", 1)
-    new = f"layer_{layer}_comp_{comp}_unit_{str(unit).replace('.', '_')}_nunit_{n}"
-    old = f"layer.{layer}.comp.{comp}.unit.{unit}.nunit.{n}"
+    new = f"comp_{comp}_unit_{unit}_nunit_{n}".replace(".", "_")
+    old = f"comp.{comp}.unit.{unit}.nunit.{n}"
+    if not is_module_path(comp):  # pyvene prefixes the layer only for named components
+        new, old = f"layer_{layer}_{new}", f"layer.{layer}.{old}"
     i = counters[new] = counters.get(new, -1) + 1
     return [f"{new}#{i}", f"{old}#{i}"]
 
@@ -250,7 +254,9 @@ def read_intervention_dir(path: str | os.PathLike, *, source_format: str, positi
         key = found or keys[0]
         where = f"intkey_{key}.bin"
         sd = _state_dict(directory / where) if found else {}
-        layer, component, _ = parse_key(key)
+        component = rep.get("component")
+        layer, component = resolve_module_path(component, param=f"representations[{i}].component") \
+            if is_module_path(component) else parse_key(key)[:2]
         if component.removeprefix("head_") not in COMPONENTS:
             _fail(f"{where}: component {component!r} is not servable; supported: {', '.join(COMPONENTS)} "
                   "(and head_attention_value_output)", param=where, code="unsupported_component")
