@@ -149,8 +149,9 @@ def _inspect(args) -> None:
     for edit in summary["edits"]:
         place = edit["placement"]
         head = f" head {place['head']}" if place["head"] is not None else ""
+        window = f" ({edit['window']} positions)" if edit["window"] else ""
         shapes = ", ".join(f"{n} {tuple(p['shape'])} {p['dtype']}" for n, p in edit["params"].items())
-        print(f"  {edit['family']:<24} layer {place['layer']:>3} {place['component']}{head}: {shapes}")
+        print(f"  {edit['family']:<24} layer {place['layer']:>3} {place['component']}{head}{window}: {shapes}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,9 @@
 """Intervention registry: id → loaded intervention, device slot pool with LRU, refcounts, persistence.
 
 * Registering compiles an intervention once into per-site low-rank edits (the engine's form) and
-  keeps them on the CPU; nothing is written to the device until a request needs it.
+  keeps them on the CPU; nothing is written to the device until a request needs it. Edits that
+  act on different positions (``Edit.window``: pyreft's two interventions per layer) go into
+  separate :class:`Part` s, one slot each; a request applies each part as its own column.
 * :meth:`InterventionRegistry.acquire` pins every intervention a request names into a device slot
   (loading on demand, evicting the least recently used idle one) and bumps its refcount; a slot in
   use is never evicted or overwritten. When every slot is pinned, the request waits for one.
@@ -25,7 +27,7 @@ from steer_serve.engine.config import RequestSteering
 from steer_serve.formats.adapters import WeightAdapter, load_weight_adapter
 from steer_serve.interventions import edit_config, get_family
 from steer_serve.interventions.base import Intervention, LowRankEdit
-from steer_serve.interventions.positions import parse_positions
+from steer_serve.interventions.positions import parse_positions, window_part
 
 logger = logging.getLogger(__name__)
 
@@ -38,23 +40,40 @@ class RegistryError(Exception):
         self.status, self.code, self.param = status, code, param
 
 
+@dataclass(eq=False)
+class Part:
+    """One device slot's worth of an intervention: the site edits of its edits with one ``window``."""
+
+    site_edits: dict[tuple[int, str], LowRankEdit]
+    window: str | None = None
+    slot: int | None = None
+
+
 @dataclass(eq=False)  # identity semantics: entries are hashed into sets of pinned interventions
 class Entry:
     """One registered intervention, or weight-space adapter (``adapter`` set, ``intervention`` None)."""
 
     id: str
     intervention: Intervention | None
-    site_edits: dict[tuple[int, str], LowRankEdit]
+    parts: list[Part]
     content_hash: str
     source: str
     format: str
     created: int = field(default_factory=lambda: int(time.time()))
-    slot: int | None = None
     refcount: int = 0
     last_used: float = 0.0
     deleting: bool = False
     adapter: WeightAdapter | None = None
     lora_id: int = 0            # vLLM's LoRA int id (unique per registered adapter content)
+
+    @property
+    def slot(self) -> int | None:
+        """The (first) slot the intervention is loaded in, or None when it is not loaded."""
+        return self.parts[0].slot if self.parts and self.loaded else None
+
+    @property
+    def loaded(self) -> bool:
+        return all(part.slot is not None for part in self.parts)
 
     @property
     def positions(self) -> str:
@@ -79,12 +98,12 @@ class Lease:
     lora: tuple[str, int, str] | None = None   # (name, vLLM int id, PEFT dir) of the weight-space adapter
 
 
-def compile_site_edits(iv: Intervention, *, value_width: int, num_heads: int) -> dict[tuple[int, str], LowRankEdit]:
-    """Turn every edit into the generic low-rank form at its (layer, component) site.
+def compile_parts(iv: Intervention, *, value_width: int, num_heads: int) -> list[Part]:
+    """Turn every edit into the generic low-rank form at its (layer, component) site, one part per window.
 
     Per-head edits are widened by the family to the component's full width (head_dim = width / heads).
     """
-    sites: dict[tuple[int, str], LowRankEdit] = {}
+    parts: dict[str | None, Part] = {}
     for edit in iv.edits:
         placement = edit.placement
         config = edit_config(edit)
@@ -93,24 +112,28 @@ def compile_site_edits(iv: Intervention, *, value_width: int, num_heads: int) ->
             config = {"head_dim": width // num_heads, "num_heads": num_heads, **config}
         lowrank = get_family(edit.family).to_lowrank(edit.params, config)
         site = (placement.layer, placement.base_component)
+        sites = parts.setdefault(edit.window, Part({}, edit.window)).site_edits
         if site in sites:
-            raise RegistryError(f"two edits of one intervention act at layer {site[0]} {site[1]}; "
-                                "register them as separate interventions and combine them per request",
+            raise RegistryError(f"two edits of one intervention act at layer {site[0]} {site[1]} on the same "
+                                "positions; register them as separate interventions and combine them per request",
                                 param="source")
         sites[site] = lowrank
-    return sites
+    return list(parts.values())
 
 
-def content_hash(site_edits: dict[tuple[int, str], LowRankEdit]) -> str:
+def content_hash(parts: list[Part]) -> str:
     """Hash of the weights as the engine sees them (identity for prefix-cache salting)."""
     digest = hashlib.sha256()
-    for (layer, component), edit in sorted(site_edits.items()):
-        digest.update(f"{layer}/{component}/{edit.act}".encode())
-        for name in ("W", "b", "P", "U", "v", "z"):
-            tensor = getattr(edit, name)
-            digest.update(name.encode())
-            if tensor is not None:
-                digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+    for part in parts:
+        if part.window:
+            digest.update(f"window/{part.window}".encode())
+        for (layer, component), edit in sorted(part.site_edits.items()):
+            digest.update(f"{layer}/{component}/{edit.act}".encode())
+            for name in ("W", "b", "P", "U", "v", "z"):
+                tensor = getattr(edit, name)
+                digest.update(name.encode())
+                if tensor is not None:
+                    digest.update(tensor.detach().float().contiguous().numpy().tobytes())
     return digest.hexdigest()[:32]
 
 
@@ -149,15 +172,18 @@ class InterventionRegistry:
             raise RegistryError(f"interventions are not supported on {architecture}: it has no steering table "
                                 "(see README, Supported models); the model is served plain", status=400)
 
-    def check_geometry(self, iv: Intervention) -> dict[tuple[int, str], LowRankEdit]:
-        """Validate against what the engine hooks; return the compiled site edits."""
+    def check_geometry(self, iv: Intervention) -> list[Part]:
+        """Validate against what the engine hooks; return the compiled parts."""
         self.require_interventions()
         if self.hidden_size and iv.hidden_size != self.hidden_size:
             raise RegistryError(f"intervention hidden size {iv.hidden_size} does not match the base model's "
                                 f"{self.hidden_size}", param="source")
         parse_positions(iv.positions)
-        sites = compile_site_edits(iv, value_width=self.value_width or iv.hidden_size, num_heads=self.num_heads)
-        for (layer, component), edit in sites.items():
+        parts = compile_parts(iv, value_width=self.value_width or iv.hidden_size, num_heads=self.num_heads)
+        if len(parts) > self.num_slots:
+            raise RegistryError(f"the intervention needs {len(parts)} slots but the server has {self.num_slots}",
+                                param="source")
+        for (layer, component), edit in (item for part in parts for item in part.site_edits.items()):
             if layer >= self.num_layers:
                 raise RegistryError(f"layer {layer} does not exist (the base model has {self.num_layers})",
                                     param="source")
@@ -168,13 +194,13 @@ class InterventionRegistry:
             if edit.rank > self.max_rank:
                 raise RegistryError(f"rank {edit.rank} at layer {layer} {component} exceeds this server's "
                                     f"--max-rank {self.max_rank}", param="source")
-        return sites
+        return parts
 
     async def register(self, intervention_id: str, iv: Intervention, *, source: str, format: str,
                        replace: bool = False) -> Entry:
         """Add (or with ``replace``, swap in) an intervention; persists the registry."""
-        sites = self.check_geometry(iv)
-        return await self._install(Entry(intervention_id, iv, sites, content_hash(sites), source, format), replace)
+        parts = self.check_geometry(iv)
+        return await self._install(Entry(intervention_id, iv, parts, content_hash(parts), source, format), replace)
 
     async def register_adapter(self, intervention_id: str, adapter: WeightAdapter, *, source: str,
                                replace: bool = False) -> Entry:
@@ -183,7 +209,7 @@ class InterventionRegistry:
             raise RegistryError("this server serves no weight-space adapters; start it with --max-loras N",
                                 param="source")
         self._lora_ids += 1
-        entry = Entry(intervention_id, None, {}, adapter.content_hash, source, adapter.source_format,
+        entry = Entry(intervention_id, None, [], adapter.content_hash, source, adapter.source_format,
                       adapter=adapter, lora_id=self._lora_ids)
         return await self._install(entry, replace)
 
@@ -274,21 +300,21 @@ class InterventionRegistry:
             raise RegistryError("a request may use at most one weight-space adapter (PEFT LoRA / GIFT)",
                                 param="interventions")
         named = [item for item in named if not item[0].adapter]
-        if len(named) > self.max_columns:
-            raise RegistryError(f"a request may combine at most {self.max_columns} interventions",
+        if sum(len(e.parts) for e, _, _ in named) > self.max_columns:
+            raise RegistryError(f"a request may combine at most {self.max_columns} interventions (an intervention "
+                                "with edits on different positions counts once per positions)",
                                 param="interventions")
         entries = [e for e, _, _ in named]
-        distinct = {e.id for e in entries}
-        if len(distinct) > self.num_slots:
-            raise RegistryError(f"a request names {len(distinct)} distinct interventions but the server has "
-                                f"{self.num_slots} slots", param="interventions")
-        steering = RequestSteering()
+        distinct = {e.id: len(e.parts) for e in entries}
+        if sum(distinct.values()) > self.num_slots:
+            raise RegistryError(f"a request names {len(distinct)} distinct interventions needing "
+                                f"{sum(distinct.values())} slots but the server has {self.num_slots}",
+                                param="interventions")
+        columns = []  # (entry, scale, positions) with the defaults filled in
         for entry, scale, positions in named:
-            steering.slots.append(0)
-            steering.scales.append(entry.scale if scale is None else float(scale))
             pos = entry.positions if positions is None else positions
             parse_positions(pos)
-            steering.positions.append(pos)
+            columns.append((entry, entry.scale if scale is None else float(scale), pos))
         unique = list(dict.fromkeys(entries + adapters))
         async with self._changed:
             for entry in unique:
@@ -297,12 +323,12 @@ class InterventionRegistry:
                 # Load all missing ones at once or none (waiting), so two requests can never each
                 # hold half of the slots the other needs.
                 while True:
-                    missing = [e for e in unique if e.slot is None and not e.adapter]
+                    missing = [e for e in unique if not e.loaded and not e.adapter]
                     gone = next((e for e in unique if e.deleting), None)
                     if gone is not None:
                         raise RegistryError(f"The intervention `{gone.id}` does not exist.", status=404,
                                             code="intervention_not_found", param="intervention")
-                    if len(missing) <= self._available_slots():
+                    if sum(len(e.parts) for e in missing) <= self._available_slots():
                         for entry in missing:
                             await self._load(entry)
                         break
@@ -315,9 +341,13 @@ class InterventionRegistry:
             now = time.monotonic()
             for entry in unique:
                 entry.last_used = now
-        steering.slots = [e.slot for e in entries]
-        salt_source = json.dumps([[e.content_hash for e in adapters]] + [
-            [e.content_hash, s, p] for e, s, p in zip(entries, steering.scales, steering.positions)])
+        steering = RequestSteering()
+        for entry, scale, positions in columns:
+            for part in entry.parts:
+                steering.slots.append(part.slot)
+                steering.scales.append(scale)
+                steering.positions.append(window_part(positions, part.window))
+        salt_source = json.dumps([[e.content_hash for e in adapters]] + [[e.content_hash, s, p] for e, s, p in columns])
         salt = hashlib.sha256(salt_source.encode()).hexdigest()[:32]
         lora = (adapters[0].id, adapters[0].lora_id, str(adapters[0].adapter.path)) if adapters else None
         return Lease(unique, steering, salt, lora)
@@ -333,35 +363,47 @@ class InterventionRegistry:
         idle = sum(1 for owner in self.slot_owner.values() if self.entries[owner].refcount == 0)
         return self.num_slots - len(self.slot_owner) + idle
 
-    async def _load(self, entry: Entry) -> None:
-        """Give ``entry`` a slot: a free one, else evict the least recently used idle one."""
+    def _free_slot(self) -> int:
+        """A free slot, evicting (all slots of) the least recently used idle intervention if none is."""
         free = [s for s in range(1, self.num_slots + 1) if s not in self.slot_owner]
-        if free:
-            slot = free[0]
-        else:
-            victim = min((self.entries[o] for o in self.slot_owner.values() if self.entries[o].refcount == 0),
+        if not free:
+            victim = min({self.entries[o] for o in self.slot_owner.values() if self.entries[o].refcount == 0},
                          key=lambda e: e.last_used)
-            slot, victim.slot = victim.slot, None
+            free = [part.slot for part in victim.parts]
+            for part in victim.parts:
+                self.slot_owner.pop(part.slot, None)
+                part.slot = None
             self.evictions += 1
-        self.slot_owner[slot] = entry.id
+        return free[0]
+
+    async def _load(self, entry: Entry) -> None:
+        """Give every part of ``entry`` a slot (see :meth:`_free_slot`); all of them or none."""
         started = time.perf_counter()
         try:
-            async with self._slot_lock:
-                await self.engine.write_slot(slot, entry.site_edits)
+            for part in entry.parts:
+                slot = self._free_slot()
+                self.slot_owner[slot] = entry.id
+                try:
+                    async with self._slot_lock:
+                        await self.engine.write_slot(slot, part.site_edits)
+                except BaseException:
+                    self.slot_owner.pop(slot, None)
+                    raise
+                part.slot = slot
         except BaseException:
-            self.slot_owner.pop(slot, None)
+            await self._unload(entry)
             raise
-        entry.slot = slot
         seconds = time.perf_counter() - started
         self.on_load(seconds)
-        logger.info("loaded %s into slot %d in %.1f ms", entry.id, slot, 1e3 * seconds)
+        logger.info("loaded %s into slot(s) %s in %.1f ms", entry.id, [p.slot for p in entry.parts], 1e3 * seconds)
 
     async def _unload(self, entry: Entry) -> None:
-        if entry.slot is not None:
-            slot, entry.slot = entry.slot, None
-            self.slot_owner.pop(slot, None)
-            async with self._slot_lock:
-                await self.engine.clear_slot(slot)
+        for part in entry.parts:
+            if part.slot is not None:
+                slot, part.slot = part.slot, None
+                self.slot_owner.pop(slot, None)
+                async with self._slot_lock:
+                    await self.engine.clear_slot(slot)
 
     def occupancy(self) -> dict:
         return {"slots": self.num_slots, "loaded": len(self.slot_owner),

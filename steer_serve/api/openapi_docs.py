@@ -174,7 +174,8 @@ class InterventionObject(BaseModel):
     scale: float | None = None
     hidden_size: int | None = None
     dtype: str | None = None
-    edits: list[dict] | None = Field(None, description="family, placement {layer, component, head}, param shapes")
+    edits: list[dict] | None = Field(None, description="family, placement {layer, component, head}, param shapes, "
+                                                   "window (first/last half of f<n>+l<n> positions, or null)")
 
 
 class InterventionList(BaseModel):

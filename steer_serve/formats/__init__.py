@@ -148,6 +148,7 @@ def describe_intervention(iv: Intervention) -> dict:
             "params": {name: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for name, t in edit.params.items()},
             "num_parameters": sum(t.numel() for t in edit.params.values()),
             "config": edit.config,
+            "window": edit.window,
         })
     return {
         "families": sorted({e.family for e in iv.edits}),

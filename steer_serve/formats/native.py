@@ -8,7 +8,8 @@
      "edits": [{"family": "loreft",
                 "placement": {"layer": 15, "component": "block_output", "head": null},
                 "config": {...},
-                "params": {"rotate_layer": {"shape": [576, 4], "dtype": "float32"}, ...}}]}
+                "params": {"rotate_layer": {"shape": [576, 4], "dtype": "float32"}, ...},
+                "window": "first"}]}      # optional: half of an f<n>+l<n> window (Edit.window)
 
 ``weights.safetensors`` holds tensor ``edits.<i>.<param>`` for every edit ``i``. Tensors keep
 their dtype (pyreft's bf16 next to fp32 included), so a round trip is bit-exact. Directories
@@ -25,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..interventions.base import Edit, Intervention, Placement
+from ..interventions.positions import WINDOWS
 from .atomic import write_directory
 from .errors import InterventionFormatError
 from .sources import MAX_JSON_BYTES, load_safetensors, read_json
@@ -56,6 +58,7 @@ def _metadata(iv: Intervention) -> dict:
             "placement": {"layer": p.layer, "component": p.component, "head": p.head},
             "config": edit.config,
             "params": {name: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for name, t in edit.params.items()},
+            **({"window": edit.window} if edit.window else {}),
         })
     return {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
@@ -146,7 +149,11 @@ def read_native(directory: str | os.PathLike) -> Intervention:
                                               param=f"{where}{name}")
             params[name] = t
             used.add(key)
-        edits.append(Edit(family=family, placement=placement, params=params, config=config))
+        window = em.get("window")
+        if window is not None and window not in WINDOWS:
+            raise InterventionFormatError(f"{CONFIG_FILE}: {where}window must be one of {WINDOWS} or absent, got "
+                                          f"{window!r}", param=where + "window")
+        edits.append(Edit(family=family, placement=placement, params=params, config=config, window=window))
     extra = sorted(set(tensors) - used)
     if extra:
         raise InterventionFormatError(f"{WEIGHTS_FILE} holds tensors no edit declares: {', '.join(extra[:5])}",

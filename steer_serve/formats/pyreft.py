@@ -7,6 +7,12 @@ and so is taken as arguments:
 * ``positions`` — the training positions live in the training script. Default ``"l1"``: the last
   prompt token, as pyreft's quick-start and ``make_last_position_supervised_data_module`` train
   and generate; pass ``"f1+l1"`` etc. for interventions trained elsewhere.
+
+One layout is recognised from the directory: pyreft's ``share_weights=False`` for ``f<n>+l<n>``
+positions (the default of its training scripts) doubles the layer list, so the representations
+are two equal halves and pyreft's ``get_intervention_locations`` gives the first half the first n
+positions and the second half the last n. Those edits get ``window`` ``"first"`` / ``"last"``
+and the default positions become ``"f1+l1"`` (pyreft's training default).
 * ``act_fn`` — default ``None`` = linear, pyreft's default for LoReFT/NoReFT/DiReFT/NodiReFT.
 * dropout — inference only, so always off.
 * the compute dtype — tensors keep their saved dtypes; a bf16 ``learned_source`` next to an fp32
@@ -21,11 +27,25 @@ from ..interventions.base import Intervention
 from .pyvene import read_intervention_dir
 
 DEFAULT_POSITIONS = "l1"
+#: pyreft's training default, which its ``share_weights=False`` layout implies.
+SPLIT_DEFAULT_POSITIONS = "f1+l1"
+
+
+def _is_split_layout(edits: list) -> bool:
+    """Two equal halves of placements: pyreft's ``share_weights=False`` layout for ``f<n>+l<n>``."""
+    half = len(edits) // 2
+    return len(edits) == 2 * half > 0 and [e.placement for e in edits[:half]] == [e.placement for e in edits[half:]]
 
 
 def read_pyreft_dir(path: str | os.PathLike, *, positions: str | None = None, act_fn: str | None = None,
                     hidden_size: int | None = None, head: int | None = None,
                     num_heads: int | None = None) -> Intervention:
     """Read a pyreft save directory (``config.json`` + ``intkey_*.bin``) into an :class:`Intervention`."""
-    return read_intervention_dir(path, source_format="pyreft", positions=positions or DEFAULT_POSITIONS,
-                                 act_fn=act_fn, hidden_size=hidden_size, head=head, num_heads=num_heads)
+    iv = read_intervention_dir(path, source_format="pyreft", positions=positions or DEFAULT_POSITIONS,
+                               act_fn=act_fn, hidden_size=hidden_size, head=head, num_heads=num_heads)
+    if _is_split_layout(iv.edits):
+        half = len(iv.edits) // 2
+        for i, edit in enumerate(iv.edits):
+            edit.window = "first" if i < half else "last"
+        iv.positions = positions or SPLIT_DEFAULT_POSITIONS
+    return iv

@@ -54,12 +54,18 @@ class Placement:
 
 @dataclass
 class Edit:
-    """One family applied at one placement, with its tensors and hyper-parameters."""
+    """One family applied at one placement, with its tensors and hyper-parameters.
+
+    ``window`` (``"first"`` / ``"last"``) restricts the edit to that half of an ``f<n>+l<n>``
+    positions window, as pyreft's ``share_weights=False`` layout places its two interventions
+    per layer; None acts on all of the intervention's positions.
+    """
 
     family: str
     placement: Placement
     params: dict[str, torch.Tensor]
     config: dict = field(default_factory=dict)
+    window: str | None = None
 
 
 @dataclass

@@ -53,6 +53,25 @@ class Positions:
         return "+".join(parts)
 
 
+#: The halves of an ``f<n>+l<n>`` window an edit may be restricted to (``Edit.window``).
+WINDOWS = ("first", "last")
+
+
+def window_part(spec: str, window: str | None) -> str:
+    """The positions an edit restricted to ``window`` acts on under ``spec``.
+
+    pyreft's ``get_intervention_locations(share_weights=False)``: with both counts non-zero the
+    first half of the interventions gets the first n positions and the second half the last n;
+    otherwise (``l1``, ``all``, ...) every intervention gets the same positions.
+    """
+    parsed = parse_positions(spec)
+    if window is None or parsed.kind != "window" or not (parsed.first and parsed.last):
+        return spec
+    if window not in WINDOWS:
+        raise ValueError(f"invalid window {window!r}: expected one of {WINDOWS} or None")
+    return f"f{parsed.first}" if window == "first" else f"l{parsed.last}"
+
+
 def parse_positions(spec: str) -> Positions:
     """Parse a positions string; raises ValueError with the accepted grammar on failure."""
     text = str(spec).strip().lower()
