@@ -140,3 +140,20 @@ def test_unsupported_module_path_is_a_format_error(tmp_path, path):
     with pytest.raises(InterventionFormatError, match="names no site steer-serve serves") as err:
         load_intervention(d)
     assert err.value.code == "unsupported_component"
+
+
+def test_split_layout_over_two_layers_is_halves_not_pairs(tmp_path):
+    """pyreft doubles the whole layer list ([3, 15] -> [3, 15, 3, 15]): the first half acts on the first n."""
+    cfg = json.loads((SPLIT / "config.json").read_text())
+    rep, keys = cfg["representations"][0], []
+    d = tmp_path / "save"
+    d.mkdir()
+    for i, layer in enumerate([3, 15, 3, 15]):
+        key = f"layer_{layer}_comp_block_output_unit_pos_nunit_1#{i // 2}"
+        shutil.copy(SPLIT / f"intkey_layer_15_comp_block_output_unit_pos_nunit_1#{i // 2}.bin", d / f"intkey_{key}.bin")
+        keys.append(key)
+    cfg.update(representations=[[layer, *rep[1:]] for layer in (3, 15, 3, 15)], sorted_keys=keys,
+               intervention_types=cfg["intervention_types"] * 2, intervention_dimensions=cfg["intervention_dimensions"] * 2)
+    (d / "config.json").write_text(json.dumps(cfg))
+    iv = read_pyreft_dir(d)
+    assert [(e.placement.layer, e.window) for e in iv.edits] == [(3, "first"), (15, "first"), (3, "last"), (15, "last")]

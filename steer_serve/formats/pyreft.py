@@ -7,17 +7,17 @@ and so is taken as arguments:
 * ``positions`` — the training positions live in the training script. Default ``"l1"``: the last
   prompt token, as pyreft's quick-start and ``make_last_position_supervised_data_module`` train
   and generate; pass ``"f1+l1"`` etc. for interventions trained elsewhere.
+* ``act_fn`` — default ``None`` = linear, pyreft's default for LoReFT/NoReFT/DiReFT/NodiReFT.
+* dropout — inference only, so always off.
+* the compute dtype — tensors keep their saved dtypes; a bf16 ``learned_source`` next to an fp32
+  ``rotate_layer`` (pyreft's default when no ``dtype=`` was passed) is kept as is, and the
+  families' forwards apply pyreft's casts.
 
 One layout is recognised from the directory: pyreft's ``share_weights=False`` for ``f<n>+l<n>``
 positions (the default of its training scripts) doubles the layer list, so the representations
 are two equal halves and pyreft's ``get_intervention_locations`` gives the first half the first n
 positions and the second half the last n. Those edits get ``window`` ``"first"`` / ``"last"``
 and the default positions become ``"f1+l1"`` (pyreft's training default).
-* ``act_fn`` — default ``None`` = linear, pyreft's default for LoReFT/NoReFT/DiReFT/NodiReFT.
-* dropout — inference only, so always off.
-* the compute dtype — tensors keep their saved dtypes; a bf16 ``learned_source`` next to an fp32
-  ``rotate_layer`` (pyreft's default when no ``dtype=`` was passed) is kept as is, and the
-  families' forwards apply pyreft's casts.
 """
 from __future__ import annotations
 
