@@ -114,3 +114,16 @@ def test_registry_gives_each_half_a_slot_and_evicts_them_together():
         await registry.release(lease)
 
     asyncio.run(scenario())
+
+
+def test_module_path_naming_no_site_is_a_400(client, intervention_dir):
+    target = intervention_dir / "string-bad-path"
+    if not target.exists():
+        shutil.copytree(LAYOUTS / "pyvene_string_smollm" / "save", target)
+        cfg = json.loads((target / "config.json").read_text())
+        cfg["representations"][0][1] = "model.layers[15].mlp.down_proj.output"
+        (target / "config.json").write_text(json.dumps(cfg))
+    response = client.post("/v1/interventions", json={"id": "string-bad-path", "source": str(target)})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "unsupported_component" and "down_proj" in error["message"]
