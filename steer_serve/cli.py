@@ -12,9 +12,12 @@ import sys
 def _add_serve(sub) -> None:
     from steer_serve.interventions.base import COMPONENTS
 
-    p = sub.add_parser("serve", help="start the OpenAI-compatible server",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help="local HF directory or hub id (default: embedded SmolLM2-135M-Instruct)")
+    p = sub.add_parser("serve", help="start the OpenAI-compatible server (also takes every `vllm serve` flag)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter, add_help=False,
+                       description="steer-serve's flags are listed first; every other flag is `vllm serve`'s, "
+                                   "with vLLM's meaning (tool parsers, chat template, parallelism, ...).")
+    p.add_argument("-h", "--help", action=_ServeHelp, help="show steer-serve's and vLLM's serve flags")
+    p.add_argument("--model", default=None, help="local HF directory or hub id, also as `serve MODEL` (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--served-model-name", default=None, help="name clients use for the base model (default: dir name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
     p.add_argument("--port", type=int, default=8000, help="port to bind")
@@ -57,10 +60,26 @@ def _add_serve(sub) -> None:
                    help="allow browser requests from this origin (repeatable; '*' for any); CORS is off without it")
 
 
-def _serve(args) -> None:
+class _ServeHelp(argparse.Action):
+    """``serve --help``: steer-serve's flags, then ``vllm serve``'s (accepted as they are)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from steer_serve.api.vllm_frontend import vllm_serve_help
+
+        print(parser.format_help())
+        print("\n=== vLLM serve flags (passed to vLLM unchanged) ===\n")
+        print(vllm_serve_help())
+        parser.exit()
+
+
+def _serve(args, vllm_flags: list[str]) -> None:
     from steer_serve.api.server import ServerSettings, serve
+    from steer_serve.api.vllm_frontend import frontend_args
     from steer_serve.engine.config import SteerConfig
-    from steer_serve.engine.engine import EngineSettings
+    from steer_serve.engine.engine import EngineSettings, served_model_name
     from steer_serve.model import resolve_model
 
     preload = {}
@@ -69,8 +88,11 @@ def _serve(args) -> None:
         if not sep or not name or not path:
             sys.exit(f"--interventions expects NAME=PATH, got {item!r}")
         preload[name] = path
+    model = resolve_model(args.model)
+    name = served_model_name(EngineSettings(model=model, served_model_name=args.served_model_name))
+    vllm_args = frontend_args(model, name, vllm_flags)
     engine_settings = EngineSettings(
-        model=resolve_model(args.model), served_model_name=args.served_model_name, dtype=args.dtype,
+        model=model, served_model_name=name, vllm_args=vllm_args, dtype=args.dtype,
         enforce_eager=args.enforce_eager, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
         kv_cache_gb=args.kv_cache_gb, seed=args.seed, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
@@ -83,7 +105,7 @@ def _serve(args) -> None:
         allow_hub=not args.no_hub, registry_dir=args.registry_dir, max_tokens_limit=args.max_tokens_limit,
         max_concurrent_requests=args.max_concurrent_requests, max_body_bytes=args.max_body_bytes,
         max_upload_bytes=args.max_upload_bytes, max_placements=args.max_placements,
-        cors_origins=args.cors_origin, drain_timeout=args.drain_timeout)
+        cors_origins=args.cors_origin, drain_timeout=args.drain_timeout, vllm_args=vllm_args)
     asyncio.run(serve(engine_settings, settings))
 
 
@@ -161,10 +183,18 @@ def main(argv: list[str] | None = None) -> None:
     _add_serve(sub)
     _add_convert(sub)
     _add_inspect(sub)
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) > 1 and argv[0] == "serve" and not argv[1].startswith("-"):
+        argv[1:2] = ["--model", argv[1]]           # `serve MODEL ...`, as `vllm serve MODEL ...`
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        {"serve": _serve, "convert": _convert, "inspect": _inspect}[args.command](args)
+        if args.command == "serve":
+            _serve(args, unknown)
+        else:
+            {"convert": _convert, "inspect": _inspect}[args.command](args)
     except ValueError as exc:  # format/validation errors: a clear message, not a traceback
         sys.exit(f"steer-serve {args.command}: {exc}")
 

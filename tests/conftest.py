@@ -9,12 +9,17 @@ import pytest
 from live_server import FIXTURES, FIXTURES_LORA, ServerProcess
 
 
+#: vLLM serve flags the default server takes (SmolLM2 has no special tool tokens: the pythonic parser).
+TOOL_FLAGS = ("--enable-auto-tool-choice", "--tool-call-parser", "pythonic")
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, intervention_dir):
-    """The default server: default model, prefix caching on, 16 slots, fixtures dir allowed."""
+    """The default server: default model, prefix caching on, 16 slots, fixtures dir allowed, and vLLM's
+    tool-calling flags (passed through to vLLM unchanged)."""
     root = tmp_path_factory.mktemp("server")
     proc = ServerProcess("--allowed-intervention-dir", str(FIXTURES), "--allowed-intervention-dir",
-                         str(intervention_dir), "--max-interventions", "16",
+                         str(intervention_dir), "--max-interventions", "16", *TOOL_FLAGS,
                          registry_dir=root / "registry", log_path=root / "server.log").start()
     yield proc
     proc.stop()

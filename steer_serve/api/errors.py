@@ -96,6 +96,18 @@ def install_error_handlers(app: FastAPI, on_error=lambda status: None) -> None:
         message, param = _validation_message(exc.errors())
         return error_response(400, message, code="invalid_request", param=param)
 
+    from steer_serve.api.vllm_frontend import CLIENT_EXCEPTIONS, error_of
+
+    async def _vllm_error(request: Request, exc: Exception):
+        status, message, param = error_of(exc)
+        if status >= 500:
+            logger.exception("error on %s %s", request.method, request.url.path, exc_info=exc)
+        on_error(status)
+        return error_response(status, message, code=_CODES.get(status), param=param)
+
+    for exception_type in CLIENT_EXCEPTIONS:
+        app.add_exception_handler(exception_type, _vllm_error)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         on_error(exc.status_code)

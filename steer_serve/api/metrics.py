@@ -1,27 +1,43 @@
-"""Prometheus metrics (``/metrics``): requests/tokens per intervention, latency histograms, slot pool."""
+"""steer-serve's Prometheus metrics (``/metrics``, beside vLLM's): requests per intervention, slot pool."""
 from __future__ import annotations
 
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
+class _InterventionsInfo:
+    """``steer:intervention_requests_info``, shaped like vLLM's ``vllm:lora_requests_info``: one series
+    whose labels list the interventions running (pinned by requests) and loaded (in slots), so a
+    LoRA-affinity router can route by intervention. Only the current series is exported."""
+
+    def __init__(self):
+        self.registry_state = None
+
+    def collect(self):
+        family = GaugeMetricFamily("steer:intervention_requests_info", "Interventions running and loaded",
+                                   labels=["running_interventions", "loaded_interventions", "max_interventions"])
+        if self.registry_state is not None:
+            entries = [e for e in self.registry_state.entries.values() if not e.adapter]
+            running = ",".join(sorted(e.id for e in entries if e.refcount > 0))
+            loaded = ",".join(sorted(e.id for e in entries if e.slot is not None))
+            family.add_metric([running, loaded, str(self.registry_state.num_slots)], time.time())
+        yield family
+
+
 class Metrics:
-    """All counters of one server, in their own registry (several apps may live in one process)."""
+    """All counters of one server, in their own registry (several apps may live in one process).
+
+    Token counts and latencies are vLLM's own (``vllm:`` metrics, served beside these)."""
 
     def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("steer_requests", "Generation requests by intervention set", ["intervention"], registry=r)
-        self.prompt_tokens = Counter("steer_prompt_tokens", "Prompt tokens by intervention set", ["intervention"], registry=r)
-        self.generation_tokens = Counter("steer_generation_tokens", "Generated tokens by intervention set",
-                                         ["intervention"], registry=r)
-        self.ttft = Histogram("steer_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS,
-                              registry=r)
-        self.tpot = Histogram("steer_time_per_output_token_seconds", "Time per output token after the first",
-                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.requests = Counter("steer_requests", "Generation requests naming each intervention ('none': unsteered)",
+                                ["intervention"], registry=r)
         self.errors = Counter("steer_errors", "Error responses by HTTP status", ["code"], registry=r)
         self.in_flight = Gauge("steer_requests_in_flight", "Requests being served", registry=r)
         self.slots_total = Gauge("steer_slots_total", "Device intervention slots", registry=r)
@@ -32,18 +48,13 @@ class Metrics:
         self.load_latency = Histogram("steer_slot_load_seconds", "Latency of writing an intervention into a slot",
                                       buckets=_LATENCY_BUCKETS, registry=r)
         self.registered = Gauge("steer_interventions_registered", "Registered interventions", registry=r)
+        self.info = _InterventionsInfo()
+        r.register(self.info)
 
-    def request_started(self, labels: str) -> None:
-        self.requests.labels(labels).inc()
-
-    def request_finished(self, labels: str, prompt_tokens: int, completion_tokens: int, started: float,
-                         first_token: float | None) -> None:
-        self.prompt_tokens.labels(labels).inc(prompt_tokens)
-        self.generation_tokens.labels(labels).inc(completion_tokens)
-        if first_token is not None:
-            self.ttft.observe(first_token - started)
-            if completion_tokens > 1:
-                self.tpot.observe((time.perf_counter() - first_token) / (completion_tokens - 1))
+    def request_started(self, intervention_ids: list[str]) -> None:
+        """Count one request for each intervention it names (bounded by the registry: one label per id)."""
+        for intervention_id in intervention_ids:
+            self.requests.labels(intervention_id).inc()
 
     def error(self, status: int) -> None:
         self.errors.labels(str(status)).inc()
@@ -57,4 +68,5 @@ class Metrics:
         self.slot_refcount.set(sum(e.refcount for e in registry_state.entries.values()))
         self.registered.set(len(registry_state.entries))
         self.in_flight.set(in_flight)
+        self.info.registry_state = registry_state
         return generate_latest(self.registry)

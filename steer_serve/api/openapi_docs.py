@@ -1,7 +1,7 @@
 """What ``/openapi.json`` says beyond the request models: response shapes, error shapes, examples.
 
-The routes return plain dicts (no response validation on the hot path); the models here only
-document them. :func:`install` also replaces FastAPI's default 422 entries, which this server
+The intervention routes return plain dicts (no response validation on the hot path); the models here
+only document them; the OpenAI routes' shapes are vLLM's own response models. :func:`install` also replaces FastAPI's default 422 entries, which this server
 never sends (validation failures are 400 in OpenAI's error shape).
 """
 from __future__ import annotations
@@ -10,6 +10,9 @@ from typing import Any
 
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
+
+from steer_serve.api.vllm_frontend import ChatCompletionResponse as ChatCompletion  # noqa: F401 (documented shapes)
+from steer_serve.api.vllm_frontend import CompletionResponse as Completion  # noqa: F401
 
 DESCRIPTION = """OpenAI-compatible server for many pyreft/pyvene interventions over one base model.
 
@@ -107,50 +110,6 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: dict | None = Field(None, description="`cached_tokens`: prompt tokens from the prefix cache")
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: dict | None = Field(None, description="`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`")
-    finish_reason: str | None = Field(description="`stop` or `length`")
-    stop_reason: int | str | None = None
-    token_ids: list[int] | None = Field(None, description="with `return_token_ids`")
-    prompt_token_ids: list[int] | None = Field(None, description="with `return_token_ids`")
-
-
-class Completion(BaseModel):
-    id: str
-    object: str = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: dict = Field(description="`{role: assistant, content}`")
-    logprobs: dict | None = Field(None, description="`{content: [{token, logprob, bytes, top_logprobs}]}`")
-    finish_reason: str | None
-    token_ids: list[int] | None = None
-    prompt_token_ids: list[int] | None = None
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: str = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
 class InterventionObject(BaseModel):
     """One registered intervention as ``GET /v1/interventions/{id}`` describes it."""
 
@@ -187,6 +146,10 @@ class Deleted(BaseModel):
     id: str
     object: str = "intervention"
     deleted: bool = True
+
+
+class Version(BaseModel):
+    version: str = Field(description="vLLM's version")
 
 
 class Health(BaseModel):
@@ -239,6 +202,13 @@ MODELS_EXAMPLE = {"object": "list", "data": [
      "root": "~/.cache/steer-serve/models/SmolLM2-135M-Instruct", "parent": None, "max_model_len": 2048},
     {"id": "honest", "object": "model", "created": 1767225600, "owned_by": "steer-serve", "root": "honest-reft",
      "parent": "SmolLM2-135M-Instruct"}]}
+RESPONSE_EXAMPLE = {
+    "id": "resp_6f1c", "object": "response", "created_at": 1767225600, "model": "SmolLM2-135M-Instruct",
+    "status": "completed", "output": [{"id": "msg_6f1c", "type": "message", "role": "assistant", "status": "completed",
+                                       "content": [{"type": "output_text", "text": "I am a helpful assistant.",
+                                                    "annotations": []}]}],
+    "usage": {"input_tokens": 31, "output_tokens": 7, "total_tokens": 38}}
+TOKENIZE_EXAMPLE = {"count": 2, "max_model_len": 2048, "tokens": [19556, 905], "token_strs": None}
 METRICS_EXAMPLE = ('# TYPE steer_requests_total counter\nsteer_requests_total{intervention="honest"} 12.0\n'
                    '# TYPE steer_errors_total counter\nsteer_errors_total{code="429"} 1.0\n'
                    'steer_slot_refcount_total 0.0\n')
@@ -247,14 +217,18 @@ METRICS_EXAMPLE = ('# TYPE steer_requests_total counter\nsteer_requests_total{in
 def install(app: FastAPI) -> None:
     """Post-process the generated schema: upload/JSON bodies, no 422s, examples everywhere."""
     from steer_serve.api.schemas import InterventionCreate
+    from steer_serve.api.vllm_frontend import SteerTokenizeChatRequest, SteerTokenizeCompletionRequest
 
     original = app.openapi
 
     def openapi():
         if app.openapi_schema is None:
             schema = original()
-            schema["components"]["schemas"]["InterventionCreate"] = InterventionCreate.model_json_schema(
-                ref_template="#/components/schemas/{model}")
+            components = schema["components"]["schemas"]
+            for model in (InterventionCreate, SteerTokenizeCompletionRequest, SteerTokenizeChatRequest):
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
             for operations in schema["paths"].values():
                 for operation in operations.values():
                     operation.get("responses", {}).pop("422", None)

@@ -1,25 +1,29 @@
-"""OpenAI routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (with SSE streaming)."""
-from __future__ import annotations
+"""The OpenAI routes: vLLM's own handlers behind a thin steering layer.
 
-import time
-from contextlib import aclosing
+For each generation request the layer resolves the intervention fields (``intervention``,
+``interventions``, ``intervention_scale``/``intervention_positions``, or ``model`` = an intervention
+or adapter id), checks the server's limits, pins the interventions into device slots, and hands
+the request to vLLM's handler with the slots in ``vllm_xargs`` (→ ``SamplingParams.extra_args``,
+read by the engine's step hook), a ``cache_salt`` for the intervention set, and an adapter as the
+LoRA ``model``. The pins are given back when the response ends, however it ends. Everything else
+(prompt rendering, sampling fields, structured outputs, tools, logprobs, streaming formats) is vLLM's.
+"""
+from __future__ import annotations
 
 import anyio
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from steer_serve.api import openapi_docs as docs
+from steer_serve.api import vllm_frontend as vllm
 from steer_serve.api.auth import require_api_key
-from steer_serve.api.errors import APIError, JSONBody, error_body
-from steer_serve.api.generation import (
-    GenerationRun, chat_logprobs, chat_prompt, completion_logprobs, completion_prompts, max_new_tokens,
-    resolve_interventions, sampling_params, sse,
-)
-from steer_serve.api.schemas import ChatCompletionRequest, CompletionRequest
+from steer_serve.api.errors import APIError
+from steer_serve.registry import Lease
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"],
-                   responses=docs.errors(401, 500))
+router = APIRouter(dependencies=[Depends(require_api_key)], tags=["openai"], responses=docs.errors(401, 500))
 _GENERATION_ERRORS = docs.errors(400, 404, 413, 429)
+_FIELDS = ("`intervention`, `interventions`, `intervention_scale` and `intervention_positions` (send them with "
+           "the OpenAI SDK through `extra_body`), or `model` set to an intervention id")
 
 
 class GuardedStream(StreamingResponse):
@@ -30,8 +34,9 @@ class GuardedStream(StreamingResponse):
     cancellation, so the engine request is aborted and the slot pins are given back every time.
     """
 
-    def __init__(self, content, on_close, **kwargs):
-        super().__init__(content, **kwargs)
+    def __init__(self, inner: StreamingResponse, on_close):
+        super().__init__(inner.body_iterator, status_code=inner.status_code, headers=dict(inner.headers),
+                         media_type=inner.media_type)
         self.on_close = on_close
 
     async def __call__(self, scope, receive, send):
@@ -39,200 +44,195 @@ class GuardedStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             with anyio.CancelScope(shield=True):
-                await self.body_iterator.aclose()
+                aclose = getattr(self.body_iterator, "aclose", None)
+                if aclose is not None:
+                    await aclose()
                 await self.on_close()
 
 
-@router.get("/models", summary="List the base model and every registered intervention",
+def resolve_interventions(body, state) -> list[tuple[str, float | None, str | None]]:
+    """The (id, scale, positions) columns a request asks for, in application order."""
+    requested: list[tuple[str, float | None, str | None]] = []
+    model = body.model
+    if model and model != state.served_model_name:
+        if model not in state.registry.entries:
+            raise APIError(404, f"The model `{model}` does not exist.", code="model_not_found", param="model")
+        requested.append((model, None, None))
+    if body.intervention:
+        requested.append((body.intervention, None, None))
+    for ref in body.interventions or []:
+        requested.append((ref.id, ref.scale, ref.positions))
+    if body.intervention_scale is not None or body.intervention_positions is not None:
+        requested = [(i, s if s is not None else body.intervention_scale, p or body.intervention_positions)
+                     for i, s, p in requested]
+    return requested
+
+
+def _requested_max_tokens(body, kind: str) -> tuple[str, int | None]:
+    if kind == "responses":
+        return "max_output_tokens", body.max_output_tokens
+    if kind == "chat" and body.max_completion_tokens is not None:
+        return "max_completion_tokens", body.max_completion_tokens
+    return "max_tokens", body.max_tokens
+
+
+def _apply_token_limit(body, kind: str, limit: int) -> None:
+    """``--max-tokens-limit``: a larger request is a 400; an unset one gets the limit (vLLM clamps it
+    further to the context left)."""
+    field, requested = _requested_max_tokens(body, kind)
+    if requested is None:
+        setattr(body, field, limit)
+    elif requested > limit:
+        raise APIError(400, f"{field} {requested} exceeds this server's limit {limit}", code="invalid_value",
+                       param=field)
+
+
+def _hand_over(body, lease: Lease | None, request: Request) -> None:
+    """Put the lease where vLLM carries per-request data: extra args, cache salt, LoRA model name."""
+    state = request.app.state.steer
+    body.model = state.served_model_name
+    if lease is None:
+        return
+    if lease.steering.slots:
+        body.vllm_xargs = {**(body.vllm_xargs or {}), **lease.steering.to_extra_args()}
+    if lease.cache_salt:
+        body.cache_salt = f"{lease.cache_salt}:{body.cache_salt}" if body.cache_salt else lease.cache_salt
+    if lease.lora is not None:
+        name, int_id, path = lease.lora
+        vllm.offer_lora(request.app.state, name, int_id, path)
+        body.model = name
+
+
+async def _steered(request: Request, body, kind: str) -> Response:
+    state = request.app.state.steer
+    requested = resolve_interventions(body, state)
+    if requested and getattr(body, "use_beam_search", False):
+        raise APIError(400, "use_beam_search cannot be combined with interventions: vLLM's beam search issues a "
+                       "fresh engine request per step and token, which would not carry the steering",
+                       code="unsupported_field", param="use_beam_search")
+    _apply_token_limit(body, kind, state.max_tokens_limit)
+    labels = [i for i, _, _ in requested] or ["none"]
+    request.state.user = getattr(body, "user", None)
+    request.state.interventions, request.state.stream = ",".join(labels), bool(body.stream)
+    state.limiter.enter()  # 429 when the server is full
+    lease = None
+
+    async def finish() -> None:
+        nonlocal lease
+        if lease is not None:
+            await state.registry.release(lease)
+            lease = None
+        state.limiter.leave()
+
+    try:
+        lease = await state.registry.acquire(requested) if requested else None
+        _hand_over(body, lease, request)
+        state.metrics.request_started(labels)
+        response = await state.handlers[kind](body, request)
+    except BaseException:
+        await finish()
+        raise
+    if isinstance(response, StreamingResponse):
+        return GuardedStream(response, finish)
+    await finish()
+    return response
+
+
+@router.get("/v1/models", summary="List the base model and every registered intervention",
             description="Interventions are listed with `parent` = the base model, so `model: \"<intervention id>\"` "
                         "works like a vLLM LoRA name.",
             responses=docs.ok(docs.ModelList, docs.MODELS_EXAMPLE))
 async def list_models(request: Request):
     state = request.app.state.steer
-    created = state.started
-    data = [{"id": state.served_model_name, "object": "model", "created": created, "owned_by": "steer-serve",
-             "root": state.model_path, "parent": None, "max_model_len": state.max_model_len}]
+    return {"object": "list", "data": _model_cards(state)}
+
+
+@router.get("/v1/models/{model_id:path}", summary="One model card: the base model or an intervention",
+            responses={**docs.ok(docs.ModelCard, docs.MODELS_EXAMPLE["data"][0]), **docs.errors(404)})
+async def get_model(model_id: str, request: Request):
+    card = next((c for c in _model_cards(request.app.state.steer) if c["id"] == model_id), None)
+    if card is None:
+        raise APIError(404, f"The model `{model_id}` does not exist.", code="model_not_found", param="model")
+    return card
+
+
+def _model_cards(state) -> list[dict]:
+    cards = [{"id": state.served_model_name, "object": "model", "created": state.started, "owned_by": "steer-serve",
+              "root": state.model_path, "parent": None, "max_model_len": state.max_model_len}]
     for entry in state.registry.entries.values():
-        if entry.deleting:
-            continue
-        data.append({"id": entry.id, "object": "model", "created": entry.created, "owned_by": "steer-serve",
-                     "root": entry.source, "parent": state.served_model_name})
-    return {"object": "list", "data": data}
+        if not entry.deleting:
+            cards.append({"id": entry.id, "object": "model", "created": entry.created, "owned_by": "steer-serve",
+                          "root": entry.source, "parent": state.served_model_name})
+    return cards
 
 
-@router.post("/completions", summary="OpenAI completions, optionally with interventions",
-             description="OpenAI's completions API plus `intervention`, `interventions`, `intervention_scale`, "
-                         "`intervention_positions` and `return_token_ids` (send them with the OpenAI SDK through "
-                         "`extra_body`). With `stream: true` the answer is a server-sent event stream.",
+@router.post("/v1/completions", summary="OpenAI completions (vLLM's), optionally with interventions",
+             description=f"vLLM's completions API, every field as vLLM reads it, plus {_FIELDS}.",
              responses={**docs.ok(docs.Completion, docs.COMPLETION_EXAMPLE,
                                   stream_example=docs.COMPLETION_STREAM_EXAMPLE), **_GENERATION_ERRORS})
-async def completions(body: CompletionRequest, request: Request):
-    state = request.app.state.steer
-    if body.echo and body.stream:
-        raise APIError(400, "echo is not supported with stream=true on this server", param="echo",
-                       code="unsupported_field")
-    if body.max_tokens == 0 and not body.echo:
-        raise APIError(400, "max_tokens 0 needs echo=true (it scores the prompt and generates nothing)",
-                       param="max_tokens", code="invalid_value")
-    prompts = completion_prompts(body, state.tokenizer, state.vocab_size)
-    requested = None if body.max_tokens is None else max(body.max_tokens, 1)  # 0: one token, dropped
-    max_tokens = max(max_new_tokens(requested, len(p.token_ids), state, "prompt") for p in prompts)
-    prompt_logprobs = body.logprobs if body.echo else None
-    params = sampling_params(body, max_tokens, body.logprobs, body.stream, prompt_logprobs)
-    return await _serve(request, body, prompts, params, "text_completion")
+async def completions(body: vllm.SteerCompletionRequest, request: Request):
+    return await _steered(request, body, "completion")
 
 
-@router.post("/chat/completions", summary="OpenAI chat completions, optionally with interventions",
-             description="OpenAI's chat completions API (the model's chat template) plus the intervention fields; "
-                         "`stream_options.include_usage` adds a final chunk with `usage`.",
+@router.post("/v1/chat/completions", summary="OpenAI chat completions (vLLM's), optionally with interventions",
+             description=f"vLLM's chat completions API (chat template, tools, structured outputs, ...) plus {_FIELDS}.",
              responses={**docs.ok(docs.ChatCompletion, docs.CHAT_EXAMPLE, stream_example=docs.CHAT_STREAM_EXAMPLE),
                         **_GENERATION_ERRORS})
-async def chat_completions(body: ChatCompletionRequest, request: Request):
-    state = request.app.state.steer
-    prompt = chat_prompt(body, state.tokenizer)
-    requested_max = body.max_completion_tokens or body.max_tokens
-    max_tokens = max_new_tokens(requested_max, len(prompt.token_ids), state)
-    logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    if body.top_logprobs and not body.logprobs:
-        raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs", code="invalid_value")
-    params = sampling_params(body, max_tokens, logprobs, body.stream)
-    return await _serve(request, body, [prompt], params, "chat")
+async def chat_completions(body: vllm.SteerChatCompletionRequest, request: Request):
+    return await _steered(request, body, "chat")
 
 
-async def _serve(request: Request, body, prompts, params, kind: str):
-    state = request.app.state.steer
-    requested = resolve_interventions(body, body.model, state)
-    ids = [i for i, _, _ in requested] or [None]
-    labels = ",".join(i for i in ids if i) or "none"
-    request.state.user, request.state.interventions, request.state.stream = body.user, labels, body.stream
-    state.limiter.enter()  # 429 when the server is full
+@router.post("/v1/responses", summary="OpenAI Responses API (vLLM's), optionally with interventions",
+             description=f"vLLM's Responses API plus {_FIELDS}.",
+             responses={**docs.ok(vllm.ResponsesResponse, docs.RESPONSE_EXAMPLE), **_GENERATION_ERRORS})
+async def responses(body: vllm.SteerResponsesRequest, request: Request):
+    return await _steered(request, body, "responses")
+
+
+@router.get("/v1/responses/{response_id}", summary="A stored response (vLLM's)",
+            responses={**docs.ok(vllm.ResponsesResponse, docs.RESPONSE_EXAMPLE), **docs.errors(404)})
+async def retrieve_response(response_id: str, request: Request, starting_after: int | None = None,
+                            stream: bool | None = False):
+    return await vllm.RETRIEVE_RESPONSE(response_id, request, starting_after=starting_after, stream=stream)
+
+
+@router.post("/v1/responses/{response_id}/cancel", summary="Cancel a background response (vLLM's)",
+             responses={**docs.ok(vllm.ResponsesResponse, docs.RESPONSE_EXAMPLE), **docs.errors(404)})
+async def cancel_response(response_id: str, request: Request):
+    return await vllm.CANCEL_RESPONSE(response_id, request)
+
+
+@router.post("/tokenize", summary="Tokenize a prompt or a chat (vLLM's)",
+             responses={**docs.ok(vllm.TokenizeResponse, docs.TOKENIZE_EXAMPLE), **docs.errors(400)},
+             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
+                 "oneOf": [{"$ref": "#/components/schemas/SteerTokenizeCompletionRequest"},
+                           {"$ref": "#/components/schemas/SteerTokenizeChatRequest"}]}}}}})
+async def tokenize(request: Request):
     try:
-        lease = await state.registry.acquire(requested) if requested else None
-    except BaseException:
-        state.limiter.leave()
-        raise
-    run = GenerationRun(state, prompts, params, lease, "chat" if kind == "chat" else "completion")
-    state.metrics.request_started(labels)
-    if body.stream:
-        return GuardedStream(_stream(state, run, body, kind, labels), lambda: _finish(state, run),
-                             media_type="text/event-stream")
-    try:
-        return JSONBody(await _collect(state, run, body, kind, labels))
-    finally:
-        await _finish(state, run)
+        payload = await request.json()
+    except ValueError:
+        raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+    return await vllm.TOKENIZE(vllm.tokenize_request(payload), request)
 
 
-async def _finish(state, run: GenerationRun) -> None:
-    """Give back the request's slot pins and its place in the concurrency limit (exactly once)."""
-    if run.finished:
-        return
-    run.finished = True
-    if run.lease is not None:
-        await state.registry.release(run.lease)
-        run.lease = None
-    state.limiter.leave()
+@router.post("/detokenize", summary="Token ids to text (vLLM's)",
+             responses={**docs.ok(vllm.DetokenizeResponse, {"prompt": "Hello world"}), **docs.errors(400)})
+async def detokenize(body: vllm.SteerDetokenizeRequest, request: Request):
+    return await vllm.DETOKENIZE(body, request)
 
 
-def _scores_only(body) -> bool:
-    """``max_tokens: 0`` (with ``echo``): the engine ran one token that the answer leaves out."""
-    return body.max_tokens == 0
+@router.get("/version", summary="vLLM's version", responses=docs.ok(docs.Version, {"version": "0.32.0"}))
+async def version():
+    return await vllm.VERSION()
 
 
-def _generated_ids(body, output) -> list[int]:
-    return [] if _scores_only(body) else list(output.token_ids)
+_PING_DOC = {200: {"description": "the engine is alive (empty body)",
+                   "content": {"text/plain": {"schema": {"type": "string"}, "example": ""}}}}
 
 
-def _choice(state, body, kind: str, choice_index: int, prompt, output, *, first_chunk: bool | None = None,
-            prompt_logprobs: list | None = None) -> dict:
-    """One choice of a response (``first_chunk`` set: of a stream chunk, whose text is a delta).
-
-    With ``echo`` (completions, not streamed) the prompt comes first, in the text and in the
-    logprobs (``prompt_logprobs``: vLLM's, first entry None); ``max_tokens: 0`` drops the output."""
-    streaming = first_chunk is not None
-    if kind == "chat":
-        logprobs = chat_logprobs(output, state.tokenizer, body.top_logprobs or 0)
-    else:
-        token_ids = _generated_ids(body, output)
-        logprobs = list(output.logprobs or []) if token_ids else []
-        if body.echo and not streaming:
-            token_ids = prompt.token_ids + token_ids
-            logprobs = (prompt_logprobs or []) + logprobs
-        logprobs = completion_logprobs(token_ids, logprobs, state.tokenizer) if body.logprobs is not None else None
-    if kind == "chat":
-        if streaming:
-            message = {"delta": {"role": "assistant", "content": output.text} if first_chunk else {"content": output.text}}
-        else:
-            message = {"message": {"role": "assistant", "content": output.text}}
-        choice = {"index": choice_index, **message, "logprobs": logprobs, "finish_reason": output.finish_reason}
-    else:
-        text = output.text if not _scores_only(body) else ""
-        if body.echo and not streaming:
-            text = (prompt.text or state.tokenizer.decode(prompt.token_ids)) + text
-        choice = {"index": choice_index, "text": text, "logprobs": logprobs,
-                  "finish_reason": output.finish_reason, "stop_reason": output.stop_reason}
-    if body.return_token_ids:
-        choice["token_ids"] = _generated_ids(body, output)
-        if not streaming or first_chunk:
-            choice["prompt_token_ids"] = prompt.token_ids
-    return choice
-
-
-async def _collect(state, run: GenerationRun, body, kind: str, labels: str) -> dict:
-    choices, completion_tokens, cached_tokens = {}, 0, 0
-    started = time.perf_counter()
-    first_token = None
-    async with aclosing(run.stream()) as outputs:
-        async for index, result in outputs:
-            cached_tokens += result.num_cached_tokens or 0
-            for output in result.outputs:
-                if first_token is None and output.token_ids:
-                    first_token = time.perf_counter()
-                choice_index = index * body.n + output.index
-                completion_tokens += len(_generated_ids(body, output))
-                choices[choice_index] = _choice(state, body, kind, choice_index, run.prompts[index], output,
-                                                prompt_logprobs=result.prompt_logprobs)
-    prompt_tokens = sum(len(p.token_ids) for p in run.prompts)
-    state.metrics.request_finished(labels, prompt_tokens, completion_tokens, started, first_token)
-    return {"id": run.id, "object": "chat.completion" if kind == "chat" else "text_completion",
-            "created": run.created, "model": body.model or state.served_model_name,
-            "choices": [choices[i] for i in sorted(choices)],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens,
-                      "prompt_tokens_details": {"cached_tokens": cached_tokens}}}
-
-
-async def _stream(state, run: GenerationRun, body, kind: str, labels: str):
-    model = body.model or state.served_model_name
-    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-    completion_tokens = 0
-    started = time.perf_counter()
-    first_token = None
-    started_choices: set[int] = set()
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    try:
-        async with aclosing(run.stream()) as outputs:
-            async for index, result in outputs:
-                for output in result.outputs:
-                    if first_token is None and output.token_ids:
-                        first_token = time.perf_counter()
-                    choice_index = index * body.n + output.index
-                    completion_tokens += len(output.token_ids)
-                    first_chunk = choice_index not in started_choices
-                    started_choices.add(choice_index)
-                    choice = _choice(state, body, kind, choice_index, run.prompts[index], output,
-                                     first_chunk=first_chunk)
-                    chunk = {"id": run.id, "object": obj, "created": run.created, "model": model, "choices": [choice]}
-                    if include_usage:
-                        chunk["usage"] = None
-                    yield sse(chunk)
-        prompt_tokens = sum(len(p.token_ids) for p in run.prompts)
-        if include_usage:
-            yield sse({"id": run.id, "object": obj, "created": run.created, "model": model, "choices": [],
-                       "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                 "total_tokens": prompt_tokens + completion_tokens}})
-        state.metrics.request_finished(labels, prompt_tokens, completion_tokens, started, first_token)
-        yield sse("[DONE]")
-    except Exception as exc:  # the stream has started: report in-band, like OpenAI does
-        state.metrics.error(500)
-        yield sse(error_body(500, f"generation failed: {type(exc).__name__}: {exc}", code="internal_error"))
-        yield sse("[DONE]")
+@router.get("/ping", summary="Liveness, as vLLM's GET /ping", response_class=Response, responses=_PING_DOC)
+@router.post("/ping", summary="Liveness, as vLLM's POST /ping", response_class=Response, responses=_PING_DOC,
+             operation_id="ping_post")
+async def ping(request: Request):
+    await request.app.state.steer.engine.check_health()
+    return Response(status_code=200)

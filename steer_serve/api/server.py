@@ -1,4 +1,4 @@
-"""Start everything for ``steer-serve serve``: engine, registry, app, uvicorn — in one event loop."""
+"""Start everything for ``steer-serve serve``: engine, registry, app, vLLM's handlers, uvicorn — one event loop."""
 from __future__ import annotations
 
 import asyncio
@@ -35,6 +35,7 @@ class ServerSettings:
     max_placements: int = 256
     cors_origins: list[str] = field(default_factory=list)
     drain_timeout: float = 30.0
+    vllm_args: object = None   # ``vllm serve``'s parsed flags (argparse.Namespace), for vLLM's handlers
 
 
 async def build_state(engine: SteerEngine, settings: ServerSettings) -> AppState:
@@ -59,7 +60,7 @@ async def build_state(engine: SteerEngine, settings: ServerSettings) -> AppState
     model_config = engine.llm.model_config
     return AppState(
         engine=engine, registry=registry, tokenizer=tokenizer,
-        served_model_name=engine.settings.served_model_name or Path(model_path).name,
+        served_model_name=engine.served_model_name,
         model_path=model_path, max_model_len=model_config.max_model_len,
         vocab_size=model_config.get_vocab_size(), allowed_dirs=settings.allowed_dirs,
         allow_hub=settings.allow_hub, api_key=settings.api_key, admin_api_key=settings.admin_api_key,
@@ -92,8 +93,12 @@ async def serve(engine_settings: EngineSettings, settings: ServerSettings) -> No
         engine.shutdown()
 
     try:
+        from steer_serve.api.vllm_frontend import frontend_args, init_frontend
+
         state = await build_state(engine, settings)
         app = create_app(state, on_shutdown=stop_engine)
+        vllm_args = settings.vllm_args or frontend_args(engine.settings.model, state.served_model_name, [])
+        await init_frontend(app.state, engine.llm, vllm_args)
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                                 access_log=False,  # ours is structured, with request ids (api/middleware.py)
                                 timeout_graceful_shutdown=int(settings.drain_timeout))

@@ -1,15 +1,15 @@
 """``SteerEngine``: vLLM's ``AsyncLLM`` (V1 engine) with the steerable model and slot RPCs."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from steer_serve.engine.architectures import steer_class_name, steerable_architecture
-from steer_serve.engine.config import RequestSteering, SteerConfig
+from steer_serve.engine.config import SteerConfig
 from steer_serve.engine.worker import encode_slot_payload
 from steer_serve.interventions.base import LowRankEdit
 
@@ -20,6 +20,11 @@ def on_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def served_model_name(settings: "EngineSettings") -> str:
+    """The name clients use for the base model: the flag's, else the model directory's name."""
+    return settings.served_model_name or Path(settings.model).name
 
 
 @dataclass
@@ -39,6 +44,7 @@ class EngineSettings:
     max_loras: int = 0                   # weight-space adapters (PEFT LoRA, GIFT) per batch; 0 = disabled
     max_lora_rank: int = 16
     steer: SteerConfig = field(default_factory=SteerConfig)
+    vllm_args: object = None             # ``vllm serve``'s parsed flags (argparse.Namespace); ours override
 
 
 class SteerEngine:
@@ -69,9 +75,12 @@ class SteerEngine:
         hf_overrides = {"architectures": [steer_arch], **steer.to_override()} if steer_arch else {}
         if steer_arch is None:
             logger.warning("architecture %s is not steerable; serving the plain model", architectures)
-        args = AsyncEngineArgs(
+        base = AsyncEngineArgs.from_cli_args(settings.vllm_args) if settings.vllm_args is not None else \
+            AsyncEngineArgs(model=settings.model)
+        args = dataclasses.replace(
+            base,
             model=settings.model,
-            served_model_name=settings.served_model_name,
+            served_model_name=[served_model_name(settings)],
             dtype=settings.dtype or ("auto" if cuda else "float32"),
             enforce_eager=settings.enforce_eager if settings.enforce_eager is not None else not cuda,
             max_model_len=settings.max_model_len,
@@ -81,7 +90,7 @@ class SteerEngine:
             seed=settings.seed,
             hf_overrides=hf_overrides,
             worker_extension_cls="steer_serve.engine.worker.SteerWorkerExtension",
-            disable_log_stats=True,
+            disable_log_stats=False,  # vLLM's own metrics, served on /metrics
             enable_lora=settings.max_loras > 0,
             max_loras=max(1, settings.max_loras),
             max_lora_rank=settings.max_lora_rank,
@@ -93,28 +102,12 @@ class SteerEngine:
         return cls(llm, settings, steer_arch is not None, geometry)
 
     @property
+    def served_model_name(self) -> str:
+        return served_model_name(self.settings)
+
+    @property
     def tokenizer(self):
         return self.llm.tokenizer
-
-    async def generate(self, prompt_token_ids: list[int], sampling_params, request_id: str,
-                       steering: RequestSteering | None = None, cache_salt: str | None = None,
-                       lora: tuple[str, int, str] | None = None) -> AsyncIterator:
-        """Stream ``RequestOutput`` s for one request; ``lora`` is (name, int id, PEFT dir) or None."""
-        from vllm.lora.request import LoRARequest
-
-        if steering is not None and steering.slots:
-            if not self.steerable:
-                raise ValueError(f"interventions are not supported on {self.geometry['architecture']}")
-            sampling_params.extra_args = {**(sampling_params.extra_args or {}), **steering.to_extra_args()}
-        prompt = {"prompt_token_ids": list(prompt_token_ids)}
-        if cache_salt:
-            prompt["cache_salt"] = cache_salt
-        lora_request = LoRARequest(lora[0], lora[1], lora[2]) if lora else None
-        async for output in self.llm.generate(prompt, sampling_params, request_id, lora_request=lora_request):
-            yield output
-
-    async def abort(self, request_id: str) -> None:
-        await self.llm.abort(request_id)
 
     async def write_slot(self, slot: int, site_edits: dict[tuple[int, str], LowRankEdit]) -> None:
         """Copy an intervention's per-site low-rank edits into ``slot`` (in place, between steps)."""
