@@ -9,8 +9,9 @@ import pytest
 from live_server import FIXTURES, FIXTURES_LORA, ServerProcess
 
 
-#: vLLM serve flags the default server takes (SmolLM2 has no special tool tokens: the pythonic parser).
-TOOL_FLAGS = ("--enable-auto-tool-choice", "--tool-call-parser", "pythonic")
+#: vLLM serve flags the default server takes, passed through unchanged (tool calling: SmolLM2 has no
+#: special tool tokens, so the pythonic parser; cached prompt tokens in ``usage``).
+VLLM_FLAGS = ("--enable-auto-tool-choice", "--tool-call-parser", "pythonic", "--enable-prompt-tokens-details")
 
 
 @pytest.fixture(scope="session")
@@ -19,7 +20,7 @@ def server(tmp_path_factory, intervention_dir):
     tool-calling flags (passed through to vLLM unchanged)."""
     root = tmp_path_factory.mktemp("server")
     proc = ServerProcess("--allowed-intervention-dir", str(FIXTURES), "--allowed-intervention-dir",
-                         str(intervention_dir), "--max-interventions", "16", *TOOL_FLAGS,
+                         str(intervention_dir), "--max-interventions", "16", *VLLM_FLAGS,
                          registry_dir=root / "registry", log_path=root / "server.log").start()
     yield proc
     proc.stop()

@@ -14,7 +14,7 @@ import httpx
 import jsonschema
 import pytest
 
-from conftest import ADMIN_KEY, TOOL_FLAGS
+from conftest import ADMIN_KEY, VLLM_FLAGS
 from live_server import VllmServerProcess
 from steering_helpers import random_loreft, register
 
@@ -31,7 +31,7 @@ def vllm_reference(server, tmp_path_factory):
 
     proc = VllmServerProcess(str(cache_dir() / "models" / MODEL_NAME), "--served-model-name", MODEL_NAME,
                              "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
-                             *TOOL_FLAGS, log_path=tmp_path_factory.mktemp("vllm_reference") / "server.log").start()
+                             *VLLM_FLAGS, log_path=tmp_path_factory.mktemp("vllm_reference") / "server.log").start()
     yield proc.url
     proc.stop()
 
