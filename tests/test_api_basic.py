@@ -117,6 +117,37 @@ def test_openai_sdk(server):
     assert [m.id for m in sdk.models.list()][0] == "SmolLM2-135M-Instruct"
 
 
+def test_openai_sdk_parse_responses_and_prompt_scoring(server, client, intervention_dir):
+    """The SDK's structured `parse`, `responses.create`, and lm-eval's scoring call, also under an intervention."""
+    openai = pytest.importorskip("openai")
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    from steering_helpers import random_loreft, register
+
+    class Verdict(BaseModel):
+        answer: Literal["yes", "no"]
+
+    register(client, intervention_dir, "sdk-steer", random_loreft(seed=43, positions="all"))
+    sdk = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    for steer in ({}, {"extra_body": {"interventions": [{"id": "sdk-steer", "scale": 0.3}]}}):
+        try:
+            parsed = sdk.chat.completions.parse(model="SmolLM2-135M-Instruct", messages=CHAT, response_format=Verdict,
+                                                max_tokens=64, temperature=0, **steer)
+        except openai.LengthFinishReasonError as exc:
+            raise AssertionError((steer, exc.completion.choices[0].message.content)) from None
+        assert isinstance(parsed.choices[0].message.parsed, Verdict), (steer, parsed.choices[0].message.content)
+        response = sdk.responses.create(model="SmolLM2-135M-Instruct", input="Say hello.", max_output_tokens=8,
+                                        temperature=0, **steer)
+        assert response.output_text
+    scored = [sdk.completions.create(model=model, prompt="The capital of France is Paris", echo=True, logprobs=1,
+                                     max_tokens=0, temperature=0) for model in ("SmolLM2-135M-Instruct", "sdk-steer")]
+    plain, steered = (s.choices[0].logprobs.token_logprobs for s in scored)
+    assert plain[0] is None and steered[0] is None and len(plain) == len(steered) > 3
+    assert plain[1:] != steered[1:]                        # the prompt was scored with the edit applied
+
+
 @pytest.mark.parametrize("payload,param", [
     ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "hi", "max_tokens": "lots"}, "max_tokens"),
