@@ -271,10 +271,12 @@ def test_interventions_compose_with_structured_outputs_tools_n_and_responses(ser
             assert message["tool_calls"][0]["function"]["name"] == "get_weather"
         changed.append(message != plain["choices"][0]["message"])
     assert any(changed), "the intervention changed none of the constrained answers"
-    body = {**COMPLETION, "n": 3, "temperature": 0, "max_tokens": 6, "return_token_ids": True}
-    solo = httpx.post(f"{server.url}/v1/completions", json={**body, "n": 1, **steer}, timeout=300).json()
-    many = httpx.post(f"{server.url}/v1/completions", json={**body, **steer}, timeout=300).json()
-    assert [c["token_ids"] for c in many["choices"]] == [solo["choices"][0]["token_ids"]] * 3
+    body = {**COMPLETION, "n": 3, "temperature": 1.0, "seed": 5, "max_tokens": 6, "return_token_ids": True}
+    plain = httpx.post(f"{server.url}/v1/completions", json=body, timeout=300)
+    many = httpx.post(f"{server.url}/v1/completions", json={**body, **steer}, timeout=300)
+    assert plain.status_code == many.status_code == 200, many.text
+    pairs = zip(plain.json()["choices"], many.json()["choices"])
+    assert all(a["token_ids"] != b["token_ids"] for a, b in pairs)   # every one of the n sequences is steered
     beam = httpx.post(f"{server.url}/v1/completions", json={**body, "use_beam_search": True, **steer}, timeout=60)
     assert beam.status_code == 400 and "use_beam_search" in beam.json()["error"]["message"]
     responses = [httpx.post(f"{server.url}/v1/responses", timeout=300, json={
