@@ -74,21 +74,11 @@ async def fake_completion_handler(body, raw_request):
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-class Tokenizer:
-    """Whitespace 'tokenizer': one token per word."""
-
-    def __call__(self, text, add_special_tokens=True):
-        return types.SimpleNamespace(input_ids=[100 + len(w) for w in text.split()] or [100])
-
-    def decode(self, ids):
-        return "".join(f" t{t}" for t in ids)
-
-
 def fake_app(engine: FakeEngine | None = None, **state_fields):
     """(app, state) around a fake engine; ``state_fields`` override :class:`AppState` fields."""
     engine = engine or FakeEngine()
     registry = InterventionRegistry(engine, persist_dir=state_fields.pop("persist_dir", None))
-    state = AppState(engine=engine, registry=registry, tokenizer=Tokenizer(), served_model_name="fake",
-                     model_path="/nonexistent", max_model_len=512, vocab_size=50000,
+    state = AppState(engine=engine, registry=registry, served_model_name="fake",
+                     model_path="/nonexistent", max_model_len=512,
                      handlers={"completion": fake_completion_handler}, **state_fields)
     return create_app(state), state

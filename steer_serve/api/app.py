@@ -45,17 +45,14 @@ class AppState:
 
     engine: object
     registry: object
-    tokenizer: object
     served_model_name: str
     model_path: str
     max_model_len: int
-    vocab_size: int
     allowed_dirs: list[str] = field(default_factory=list)
     allow_hub: bool = True
     api_key: str | None = None
     admin_api_key: str | None = None
     max_tokens_limit: int = 4096
-    default_max_tokens: int = 256
     max_concurrent_requests: int = 256
     max_body_bytes: int = 2 * 1024 * 1024
     max_upload_bytes: int = 64 * 1024 * 1024

@@ -39,9 +39,7 @@ class ServerSettings:
 
 
 async def build_state(engine: SteerEngine, settings: ServerSettings) -> AppState:
-    """Registry (restored from disk, then preloads) and tokenizer around a started engine."""
-    from transformers import AutoTokenizer
-
+    """Registry (restored from disk, then preloads) around a started engine."""
     from steer_serve.formats import load_intervention
     from pathlib import Path
 
@@ -56,18 +54,16 @@ async def build_state(engine: SteerEngine, settings: ServerSettings) -> AppState
                                      hidden_size=registry.hidden_size or None,
                                      num_layers=registry.num_layers or None)
         await registry.register(name, iv, source=source, format=iv.source_format, replace=True)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
     model_config = engine.llm.model_config
     return AppState(
-        engine=engine, registry=registry, tokenizer=tokenizer,
+        engine=engine, registry=registry,
         served_model_name=engine.served_model_name,
         model_path=model_path, max_model_len=model_config.max_model_len,
-        vocab_size=model_config.get_vocab_size(), allowed_dirs=settings.allowed_dirs,
+        allowed_dirs=settings.allowed_dirs,
         allow_hub=settings.allow_hub, api_key=settings.api_key, admin_api_key=settings.admin_api_key,
         max_tokens_limit=settings.max_tokens_limit, max_concurrent_requests=settings.max_concurrent_requests,
         max_body_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_upload_bytes,
-        max_placements=settings.max_placements, cors_origins=settings.cors_origins,
-        default_max_tokens=min(256, model_config.max_model_len))
+        max_placements=settings.max_placements, cors_origins=settings.cors_origins)
 
 
 class _DrainingServer(uvicorn.Server):

@@ -23,6 +23,7 @@ other releases):
 """
 from __future__ import annotations
 
+import functools
 from argparse import Namespace
 
 from prometheus_client import generate_latest
@@ -46,6 +47,12 @@ from steer_serve.engine.plugin import check_vllm_version
 check_vllm_version()
 
 
+@functools.cache
+def _known_fields(model) -> frozenset[str]:
+    """A request model's field names and aliases (computed once per class, not per request)."""
+    return frozenset(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}
+
+
 class _KnownFieldsOnly:
     """Refuse top-level fields that neither vLLM nor steer-serve reads (vLLM would log and ignore them)."""
 
@@ -53,8 +60,7 @@ class _KnownFieldsOnly:
     @classmethod
     def _refuse_unknown_fields(cls, data):
         if isinstance(data, dict):
-            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
-            unknown = sorted(set(data) - known)
+            unknown = sorted(set(data) - _known_fields(cls))
             if unknown:  # not a ValueError: it passes pydantic untouched and answers 400 naming the field
                 raise APIError(400, f"unsupported field(s) {', '.join(unknown)}: this server refuses fields it "
                                "does not honour instead of ignoring them (refused, not ignored)",
@@ -156,12 +162,6 @@ def offer_lora(app_state, name: str, int_id: int, path: str) -> None:
     models = app_state.openai_serving_models
     if name not in models.lora_requests:
         models.lora_requests[name] = LoRARequest(name, int_id, path)
-
-
-def withdraw_lora(app_state, name: str) -> None:
-    models = getattr(app_state, "openai_serving_models", None)
-    if models is not None:
-        models.lora_requests.pop(name, None)
 
 
 #: Exceptions vLLM's handlers raise for a bad request (vLLM's server maps them to 4xx, as here).
