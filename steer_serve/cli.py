@@ -142,9 +142,11 @@ def _add_inspect(sub) -> None:
                        help="base model directory: hidden size and layer count from its config.json")
 
 
-def _model_geometry(model_dir: str) -> tuple[int, int | None]:
-    """(hidden_size, num_hidden_layers) from a model directory's ``config.json``."""
+def _model_geometry(model_dir: str) -> dict:
+    """``hidden_size``, ``num_layers`` and per-component ``widths``/``heads`` from a model's ``config.json``."""
     from pathlib import Path
+
+    from steer_serve.engine.architectures import component_geometry
 
     try:
         cfg = json.loads((Path(model_dir) / "config.json").read_text())
@@ -154,15 +156,16 @@ def _model_geometry(model_dir: str) -> tuple[int, int | None]:
     hidden = cfg.get("hidden_size", cfg.get("n_embd"))
     if not isinstance(hidden, int):
         raise ValueError(f"{model_dir}/config.json has no integer hidden_size")
-    return hidden, cfg.get("num_hidden_layers", cfg.get("n_layer"))
+    widths, heads = component_geometry(cfg)
+    return {"hidden_size": hidden, "num_layers": cfg.get("num_hidden_layers", cfg.get("n_layer")),
+            "widths": widths, "heads": heads}
 
 
 def _inspect(args) -> None:
     from steer_serve.formats import describe_intervention, load_intervention
 
-    hidden_size, num_layers = _model_geometry(args.model) if args.model else (args.hidden_size, None)
-    summary = describe_intervention(load_intervention(args.path, format=args.format, hidden_size=hidden_size,
-                                                      num_layers=num_layers))
+    geometry = _model_geometry(args.model) if args.model else {"hidden_size": args.hidden_size}
+    summary = describe_intervention(load_intervention(args.path, format=args.format, **geometry))
     if args.json:
         print(json.dumps(summary, indent=2))
         return

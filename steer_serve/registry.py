@@ -98,18 +98,20 @@ class Lease:
     lora: tuple[str, int, str] | None = None   # (name, vLLM int id, PEFT dir) of the weight-space adapter
 
 
-def compile_parts(iv: Intervention, *, value_width: int, num_heads: int) -> list[Part]:
+def compile_parts(iv: Intervention, *, widths: dict[str, int], heads: dict[str, int]) -> list[Part]:
     """Turn every edit into the generic low-rank form at its (layer, component) site, one part per window.
 
-    Per-head edits are widened by the family to the component's full width (head_dim = width / heads).
+    Per-head edits are widened by the family to the component's full width (``widths``; head_dim =
+    width / ``heads``), unless the edit's config already says its head layout.
     """
     parts: dict[str | None, Part] = {}
     for edit in iv.edits:
         placement = edit.placement
         config = edit_config(edit)
         if placement.head is not None:
-            width = value_width if placement.base_component == "attention_value_output" else iv.hidden_size
-            config = {"head_dim": width // num_heads, "num_heads": num_heads, **config}
+            base = placement.base_component
+            width, count = widths.get(base, iv.edit_width(edit)), heads.get(base, 1)
+            config = {"head_dim": width // count, "num_heads": count, **config}
         lowrank = get_family(edit.family).to_lowrank(edit.params, config)
         site = (placement.layer, placement.base_component)
         sites = parts.setdefault(edit.window, Part({}, edit.window)).site_edits
@@ -149,8 +151,8 @@ class InterventionRegistry:
         self.components = tuple(geometry.get("components", ()))
         self.num_layers = int(geometry.get("num_layers", 0))
         self.hidden_size = int(geometry.get("hidden_size", 0))
-        self.value_width = int(geometry.get("value_width", 0))
-        self.num_heads = int(geometry.get("num_heads", 1))
+        self.widths = {c: int(w) for c, w in geometry.get("widths", {}).items()}
+        self.heads = {c: int(n) for c, n in geometry.get("heads", {}).items()}
         self.max_loras = int(engine.settings.max_loras)
         self.max_lora_rank = int(engine.settings.max_lora_rank)
         self._lora_ids = 0
@@ -179,7 +181,7 @@ class InterventionRegistry:
             raise RegistryError(f"intervention hidden size {iv.hidden_size} does not match the base model's "
                                 f"{self.hidden_size}", param="source")
         parse_positions(iv.positions)
-        parts = compile_parts(iv, value_width=self.value_width or iv.hidden_size, num_heads=self.num_heads)
+        parts = compile_parts(iv, widths=self.widths, heads=self.heads)
         if len(parts) > self.num_slots:
             raise RegistryError(f"the intervention needs {len(parts)} slots but the server has {self.num_slots}",
                                 param="source")
@@ -187,10 +189,17 @@ class InterventionRegistry:
             if layer >= self.num_layers:
                 raise RegistryError(f"layer {layer} does not exist (the base model has {self.num_layers})",
                                     param="source")
+            if component not in self.engine.geometry.get("architecture_components", self.components):
+                raise RegistryError(f"component {component!r} does not exist in {self.engine.geometry['architecture']}"
+                                    " (see README, Supported models)", param="source")
             if component not in self.components:
                 raise RegistryError(f"component {component!r} is not hooked by this server "
                                     f"(hooked: {', '.join(self.components)}); see --intervention-components",
                                     param="source")
+            width = self.widths.get(component, self.hidden_size)
+            if edit.width is not None and width and edit.width != width:
+                raise RegistryError(f"the edit at layer {layer} {component} acts on {edit.width} columns but the "
+                                    f"base model's {component} is {width} wide", param="source")
             if edit.rank > self.max_rank:
                 raise RegistryError(f"rank {edit.rank} at layer {layer} {component} exceeds this server's "
                                     f"--max-rank {self.max_rank}", param="source")

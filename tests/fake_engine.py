@@ -24,7 +24,7 @@ class FakeEngine:
     """The default model's geometry (576 wide, 30 layers); generates ``prompt[-1] + 1, + 2, ...``."""
 
     geometry = {"num_slots": 2, "max_rank": 8, "max_columns": 4, "components": ("block_output",),
-                "num_layers": 30, "hidden_size": 576, "value_width": 192, "num_heads": 9}
+                "num_layers": 30, "hidden_size": 576, "widths": {"block_output": 576}, "heads": {}}
     settings = types.SimpleNamespace(max_loras=0, max_lora_rank=16, model="/nonexistent")
 
     def __init__(self, step_seconds: float = 0.001):

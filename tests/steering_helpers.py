@@ -13,14 +13,43 @@ HIDDEN = 576
 
 
 def random_loreft(seed: int, layer: int = 15, rank: int = 4, strength: float = 3.0,
-                  component: str = "block_output", positions: str = "all") -> Intervention:
-    """A LoReFT with orthonormal R and a source strong enough to change greedy text."""
+                  component: str = "block_output", positions: str = "all", width: int = HIDDEN,
+                  head: int | None = None, num_heads: int | None = None) -> Intervention:
+    """A LoReFT with orthonormal R and a source strong enough to change greedy text, on a component
+    ``width`` columns wide (or one head of it: ``head_<component>`` with ``head``/``num_heads``)."""
     gen = torch.Generator().manual_seed(seed)
-    rotate, _ = torch.linalg.qr(torch.randn(HIDDEN, rank, generator=gen))
+    cols = width // num_heads if head is not None else width
+    rotate, _ = torch.linalg.qr(torch.randn(cols, rank, generator=gen))
     params = {"rotate_layer": rotate.contiguous(),
-              "weight": torch.randn(rank, HIDDEN, generator=gen) * strength / HIDDEN ** 0.5,
+              "weight": torch.randn(rank, cols, generator=gen) * strength / cols ** 0.5,
               "bias": torch.randn(rank, generator=gen) * strength}
-    return Intervention([Edit("loreft", Placement(layer, component), params)], HIDDEN, positions=positions)
+    config = {} if head is None else {"head": head, "head_dim": cols, "num_heads": num_heads}
+    edit = Edit("loreft", Placement(layer, component, head), params, config,
+                width=width if width != HIDDEN else None)
+    return Intervention([edit], HIDDEN, positions=positions)
+
+
+def hook_hf_module(module: torch.nn.Module, where: str, edit_fn, columns: tuple[int, int] | None = None):
+    """Hook ``edit_fn`` on a transformers module where pyvene hooks a component: its ``"output"``
+    (the first element of a tuple; only ``columns`` of it for a fused QKV projection) or its
+    ``"input"`` (the ``hidden_states`` keyword, else the first positional argument)."""
+    if where == "input":
+        def pre_hook(m, args, kwargs):
+            if "hidden_states" in kwargs:
+                return args, {**kwargs, "hidden_states": edit_fn(kwargs["hidden_states"])}
+            return (edit_fn(args[0]), *args[1:]), kwargs
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def edit_output(out):
+        if columns is None:
+            return edit_fn(out)
+        out = out.clone()
+        out[..., columns[0]:columns[1]] = edit_fn(out[..., columns[0]:columns[1]])
+        return out
+
+    def hook(m, args, out):
+        return (edit_output(out[0]), *out[1:]) if isinstance(out, tuple) else edit_output(out)
+    return module.register_forward_hook(hook)
 
 
 def random_vector(seed: int, layer: int, component: str, strength: float = 4.0) -> Intervention:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from live_server import FIXTURES
-from steering_helpers import complete, random_loreft, random_vector, register, tokens
+from steering_helpers import HIDDEN, complete, hook_hf_module, random_loreft, random_vector, register, tokens
 
 GENERATION = sorted((FIXTURES / "generation").glob("*.json"))
 PROMPTS = [[504, 3575, 282, 4649, 314], [1780, 314, 253, 1345, 282, 3233, 30], [19556, 1172, 28, 2013, 28, 216],
@@ -76,43 +76,54 @@ def test_no_cross_talk_in_one_batch(server, six_interventions):
             assert alone[i] == plain[tuple(p)]
 
 
-def _hf_greedy(prompt, max_new_tokens, hook_module_name=None, edit_fn=None, pre_hook=False):
-    """Greedy tokens from transformers with ``edit_fn`` applied to a module's output (or o_proj input)."""
+def _hf_greedy(prompt, max_new_tokens, hook_module_name=None, edit_fn=None, where="output", columns=None):
+    """Greedy tokens from transformers with ``edit_fn`` hooked where pyvene hooks the component."""
     from transformers import AutoModelForCausalLM
 
     from steer_serve.model import prepare_default_model
 
     model = AutoModelForCausalLM.from_pretrained(prepare_default_model(), dtype=torch.float32).eval()
-    handle = None
     if hook_module_name:
-        module = model.get_submodule(hook_module_name)
-        if pre_hook:
-            handle = module.register_forward_pre_hook(lambda m, args: (edit_fn(args[0]),))
-        else:
-            def hook(m, args, out):
-                if isinstance(out, tuple):
-                    return (edit_fn(out[0]), *out[1:])
-                return edit_fn(out)
-            handle = module.register_forward_hook(hook)
+        hook_hf_module(model.get_submodule(hook_module_name), where, edit_fn, columns)
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False)
-    if handle:
-        handle.remove()
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("component,module,pre", [
-    ("block_output", "model.layers.8", False),
-    ("block_output", "model.layers.29", False),  # the last layer feeds the final norm
-    ("mlp_output", "model.layers.8.mlp", False),
-    ("attention_output", "model.layers.8.self_attn", False),
-    ("attention_value_output", "model.layers.8.self_attn.o_proj", True),
+#: SmolLM2-135M: 9 query heads and 3 key/value heads of 64, MLP 1536 wide.
+_WIDTHS = {"query_output": 576, "key_output": 192, "value_output": 192, "mlp_activation": 1536,
+           "attention_value_output": 576}
+_HEADS = {"query_output": 9, "key_output": 3, "value_output": 3, "attention_value_output": 9}
+
+
+@pytest.mark.parametrize("component,module,where,head", [
+    ("block_input", "model.layers.8", "input", None),
+    ("block_input", "model.layers.0", "input", None),   # the first layer gets no residual
+    ("block_output", "model.layers.8", "output", None),
+    ("block_output", "model.layers.29", "output", None),  # the last layer feeds the final norm
+    ("attention_input", "model.layers.8.self_attn", "input", None),
+    ("attention_output", "model.layers.8.self_attn", "output", None),
+    ("attention_value_output", "model.layers.8.self_attn.o_proj", "input", None),
+    ("head_attention_value_output", "model.layers.8.self_attn.o_proj", "input", 4),
+    ("query_output", "model.layers.8.self_attn.q_proj", "output", None),
+    ("key_output", "model.layers.8.self_attn.k_proj", "output", None),
+    ("value_output", "model.layers.8.self_attn.v_proj", "output", None),
+    ("head_key_output", "model.layers.8.self_attn.k_proj", "output", 1),
+    ("head_value_output", "model.layers.8.self_attn.v_proj", "output", 2),
+    ("mlp_input", "model.layers.8.mlp", "input", None),
+    ("mlp_activation", "model.layers.8.mlp.act_fn", "output", None),
+    ("mlp_output", "model.layers.8.mlp", "output", None),
 ])
-def test_components_match_transformers_hooks(client, intervention_dir, component, module, pre):
+def test_components_match_transformers_hooks(client, intervention_dir, component, module, where, head):
+    """Every pyvene component (and per-head forms) on the default model: a LoReFT through the server
+    gives the tokens of transformers with the same edit hooked on the module pyvene names."""
     from steer_serve.interventions import reference_apply
 
     layer = int(module.split(".")[2])
-    iv = random_loreft(7, layer=layer, component=component, strength=4.0)
+    base = component.removeprefix("head_")
+    width = _WIDTHS.get(base, HIDDEN)
+    iv = random_loreft(7, layer=layer, component=component, strength=6.0, width=width, head=head,
+                       num_heads=_HEADS.get(base))
     name = f"component-{component}-{layer}"
     register(client, intervention_dir, name, iv)
 
@@ -121,7 +132,7 @@ def test_components_match_transformers_hooks(client, intervention_dir, component
         return reference_apply(iv, flat).reshape(h.shape)
 
     prompt = PROMPTS[0]
-    expected = _hf_greedy(prompt, 16, module, edit, pre)
+    expected = _hf_greedy(prompt, 16, module, edit, where)
     assert tokens(complete(client, prompt, 16, intervention=name, ignore_eos=True)) == expected
     assert expected != _hf_greedy(prompt, 16)
 

@@ -96,9 +96,9 @@ def test_unservable_component(tmp_path):
     d = tmp_path / "q"
     shutil.copytree(case.save_dir, d)
     for path in d.glob("intkey_*.bin"):
-        path.rename(path.with_name(path.name.replace("block_output", "query_output")))
-    cfg = (d / "config.json").read_text().replace("block_output", "query_output")
+        path.rename(path.with_name(path.name.replace("block_output", "attention_weight")))
+    cfg = (d / "config.json").read_text().replace("block_output", "attention_weight")
     (d / "config.json").write_text(cfg)
-    with pytest.raises(InterventionFormatError, match="query_output") as exc:
+    with pytest.raises(InterventionFormatError, match="attention_weight") as exc:
         read_pyvene_dir(d)
     assert exc.value.code == "unsupported_component"

@@ -352,7 +352,7 @@ _CRASH_SCRIPT = textwrap.dedent("""
 
     class Engine:
         geometry = {{"num_slots": 2, "max_rank": 8, "max_columns": 4, "components": ("block_output",),
-                     "num_layers": 30, "hidden_size": 576, "value_width": 192, "num_heads": 9}}
+                     "num_layers": 30, "hidden_size": 576, "widths": {{"block_output": 576}}, "heads": {{}}}}
         settings = types.SimpleNamespace(max_loras=0, max_lora_rank=16, model="/nonexistent")
 
     async def main(directory, start):

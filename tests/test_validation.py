@@ -95,8 +95,8 @@ def test_hostile_rank_fails_on_shapes_before_any_family_code(monkeypatch):
         raise AssertionError("family code must not run")
 
     monkeypatch.setattr("steer_serve.interventions.get_family", boom)
-    rejects(iv(edit), r"param 'rotate_layer' has shape \(16, 100000\): dimension 100000 exceeds both the hidden "
-            r"size 16 and the rank limit 64", param="edits[0].rotate_layer", code="rank_too_large")
+    rejects(iv(edit), r"param 'rotate_layer' has shape \(16, 100000\): dimension 100000 exceeds both the component "
+            r"width 16 and the rank limit 64", param="edits[0].rotate_layer", code="rank_too_large")
 
 
 def test_too_many_placements():

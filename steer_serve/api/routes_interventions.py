@@ -39,8 +39,8 @@ def _limits(state) -> dict:
 
 
 def _reader_hints(state) -> dict:
-    """Base-model facts the pyreft/pyvene readers need for per-head interventions."""
-    return {"num_heads": state.registry.num_heads}
+    """Base-model facts the pyreft/pyvene readers need: each component's width and head count."""
+    return {"widths": state.registry.widths, "heads": state.registry.heads}
 
 
 @router.post("", status_code=201, dependencies=[Depends(require_admin_key)],

@@ -11,7 +11,8 @@ of this step touches that site.
 Block output under vLLM's fused residual: a Llama-style layer returns ``(hidden, residual)`` and
 the next layer (or the final norm) adds them. The edit is computed on ``hidden + residual`` and
 returned as the new hidden state with a zero residual, so the next fused add sees exactly that
-sum, bit for bit as Hugging Face's layer output.
+sum, bit for bit as Hugging Face's layer output. Block input likewise: the layer's
+``(hidden, residual)`` arguments are summed, edited and passed on with a zero residual.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import importlib
 import torch
 from torch import nn
 
-from steer_serve.engine.architectures import ARCHITECTURES, STEER_PREFIX, ArchitectureTable, steer_class_name
+from steer_serve.engine.architectures import (ARCHITECTURES, STEER_PREFIX, ArchitectureTable, component_geometry,
+                                              steer_class_name)
 from steer_serve.engine.config import SteerConfig
 from steer_serve.engine.step_state import StepState
 from steer_serve.kernels import SlotTables, apply_interventions, register_slot_tables
@@ -29,12 +31,13 @@ from steer_serve.kernels import SlotTables, apply_interventions, register_slot_t
 class LayerSteering:
     """The slot tables of one decoder layer and the step state its hooks read."""
 
-    def __init__(self, layer: nn.Module, layer_idx: int, step_state: StepState, widths: dict[str, int]):
+    def __init__(self, layer: nn.Module, layer_idx: int, step_state: StepState, widths: dict[str, int],
+                 components: tuple[str, ...]):
         self.layer = layer
         self.layer_idx = layer_idx
         self.step_state = step_state
         config = step_state.config
-        self.components = config.components
+        self.components = components
         self._tables = {component: register_slot_tables(layer, f"steer_{component}", config.num_slots + 1,
                                                         config.max_rank, widths[component],
                                                         device=torch.get_default_device())
@@ -61,21 +64,54 @@ class LayerSteering:
         return x
 
 
+def _edit_output(steering: LayerSteering, component: str, output):
+    if isinstance(output, tuple):
+        return (steering.steer(component, output[0]), *output[1:])
+    return steering.steer(component, output)
+
+
 def _output_hook(steering: LayerSteering, component: str):
     def hook(module, args, output):
         if not steering.hooked(component):
             return output
-        if isinstance(output, tuple):
-            return (steering.steer(component, output[0]), *output[1:])
-        return steering.steer(component, output)
+        return _edit_output(steering, component, output)
     return hook
 
 
+def _hidden_argument(args: tuple, kwargs: dict):
+    """Where a module's hidden states are: ``("kw", "hidden_states")`` or ``("arg", index)``
+    of its first floating-point positional argument (Llama-style layers get ``positions`` first)."""
+    if "hidden_states" in kwargs:
+        return "kw", "hidden_states"
+    return "arg", next(i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point())
+
+
+def _replace_argument(args: tuple, kwargs: dict, where, value):
+    kind, key = where
+    if kind == "kw":
+        return args, {**kwargs, key: value}
+    return (*args[:key], value, *args[key + 1:]), kwargs
+
+
 def _input_hook(steering: LayerSteering, component: str):
-    def hook(module, args):
+    def hook(module, args, kwargs):
         if not steering.hooked(component):
-            return args
-        return (steering.steer(component, args[0]), *args[1:])
+            return None
+        where = _hidden_argument(args, kwargs)
+        hidden = kwargs[where[1]] if where[0] == "kw" else args[where[1]]
+        return _replace_argument(args, kwargs, where, steering.steer(component, hidden))
+    return hook
+
+
+def _fused_block_input_hook(steering: LayerSteering):
+    """``layer(positions, hidden, residual)``: edit the stream ``hidden + residual``, pass a zero residual."""
+    def hook(module, args, kwargs):
+        if not steering.hooked("block_input"):
+            return None
+        positions, hidden, residual = args[:3]
+        stream = hidden if residual is None else hidden + residual
+        residual = None if residual is None else torch.zeros_like(residual)
+        return (positions, steering.steer("block_input", stream), residual, *args[3:]), kwargs
     return hook
 
 
@@ -89,24 +125,58 @@ def _fused_block_output_hook(steering: LayerSteering):
     return hook
 
 
+def _qkv_bounds(projection: nn.Module, part: str) -> tuple[int, int]:
+    """Columns of ``part`` in this rank's output of a fused QKV projection (vLLM's ``QKVParallelLinear``)."""
+    q = projection.num_heads * projection.head_size
+    kv = projection.num_kv_heads * projection.head_size
+    return {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + kv + projection.num_kv_heads * projection.v_head_size)}[part]
+
+
+def _qkv_hook(steering: LayerSteering, component: str, bounds: tuple[int, int]):
+    start, stop = bounds
+
+    def hook(module, args, output):
+        if not steering.hooked(component):
+            return output
+        qkv = output[0] if isinstance(output, tuple) else output
+        qkv[..., start:stop] = steering.steer(component, qkv[..., start:stop])
+        return output
+    return hook
+
+
+def _gated_activation_hook(steering: LayerSteering, component: str):
+    """``act_and_mul([gate, up]) = act(gate) * up``: edit ``act(gate)``, then multiply by ``up``."""
+    def hook(module, args, output):
+        if not steering.hooked(component):
+            return output
+        gate, up = args[0].chunk(2, dim=-1)
+        activated = module.forward(torch.cat([gate, torch.ones_like(up)], dim=-1))  # act(gate) * 1, no hooks
+        return steering.steer(component, activated) * up
+    return hook
+
+
 def _install_layer_hooks(layer: nn.Module, steering: LayerSteering, table: ArchitectureTable) -> None:
     for component in steering.components:
-        path, where = table.sites[component]
-        module = layer.get_submodule(path)
+        site = table.sites[component]
+        module = layer.get_submodule(site.module)
         if component == "block_output" and table.fused_residual:
             module.register_forward_hook(_fused_block_output_hook(steering))
-        elif where == "output":
+        elif component == "block_input" and table.fused_residual:
+            module.register_forward_pre_hook(_fused_block_input_hook(steering), with_kwargs=True)
+        elif site.hook == "output":
             module.register_forward_hook(_output_hook(steering, component))
+        elif site.hook == "input":
+            module.register_forward_pre_hook(_input_hook(steering, component), with_kwargs=True)
+        elif site.hook == "gated":
+            module.register_forward_hook(_gated_activation_hook(steering, component))
         else:
-            module.register_forward_pre_hook(_input_hook(steering, component))
+            module.register_forward_hook(_qkv_hook(steering, component, _qkv_bounds(module, site.hook)))
 
 
 def _install_steering(model: nn.Module, vllm_config, table: ArchitectureTable) -> None:
     """Give a freshly built stock model its per-step buffers, per-layer tables and hooks."""
     config = SteerConfig.from_hf_config(vllm_config.model_config.hf_config)
-    unknown = set(config.components) - set(table.sites)
-    if unknown:
-        raise ValueError(f"components {sorted(unknown)} have no site in this architecture's table")
+    components = tuple(c for c in config.components if c in table.sites)
     sched = vllm_config.scheduler_config
     max_tokens = max(sched.max_num_batched_tokens, sched.max_num_seqs)
     model.register_buffer("steer_slots", torch.zeros(config.max_columns, max_tokens, dtype=torch.int64),
@@ -114,23 +184,21 @@ def _install_steering(model: nn.Module, vllm_config, table: ArchitectureTable) -
     model.register_buffer("steer_coef", torch.zeros(config.max_columns, max_tokens, dtype=torch.float32),
                           persistent=False)
     model.steer_step_state = StepState(config, model.steer_slots, model.steer_coef)
-    hidden_size = vllm_config.model_config.get_hidden_size()
+    widths, heads = component_geometry(vllm_config.model_config.hf_text_config.to_dict())
     layers = model.get_submodule(table.layers)
     model.steer_layers = []
     for index, layer in enumerate(layers):
         if type(layer).__name__ == "PPMissingLayer":       # another pipeline stage's layer
             continue
-        attention = layer.get_submodule(table.attention)
-        value_width = attention.num_heads * attention.head_dim
-        widths = {c: value_width if c == "attention_value_output" else hidden_size for c in config.components}
-        steering = LayerSteering(layer, index, model.steer_step_state, widths)
+        steering = LayerSteering(layer, index, model.steer_step_state, widths, components)
         _install_layer_hooks(layer, steering, table)
         model.steer_layers.append(steering)
-    first = model.steer_layers[0].layer.get_submodule(table.attention)
     model.steer_geometry = {"num_slots": config.num_slots, "max_rank": config.max_rank,
-                            "max_columns": config.max_columns, "components": list(config.components),
-                            "num_layers": len(layers), "hidden_size": hidden_size,
-                            "value_width": first.num_heads * first.head_dim, "num_heads": first.num_heads}
+                            "max_columns": config.max_columns, "components": list(components),
+                            "architecture_components": list(table.sites),
+                            "num_layers": len(layers), "hidden_size": vllm_config.model_config.get_hidden_size(),
+                            "widths": {c: widths[c] for c in components},
+                            "heads": {c: n for c, n in heads.items() if c in components}}
 
 
 def _steer_class(architecture: str) -> type:

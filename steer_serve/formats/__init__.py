@@ -91,7 +91,7 @@ def locate_source(source: str | os.PathLike, *, allowed_dirs=None, allow_hub: bo
     return _locate(source, allowed_dirs, allow_hub, hub_cache_dir)
 
 
-def _read(directory: Path, fmt: str, positions, act_fn, hidden_size, head, num_heads) -> Intervention:
+def _read(directory: Path, fmt: str, positions, act_fn, hidden_size, head, num_heads, widths, heads) -> Intervention:
     if fmt == "native":
         iv = read_native(directory)
         if act_fn is not None:
@@ -101,10 +101,10 @@ def _read(directory: Path, fmt: str, positions, act_fn, hidden_size, head, num_h
         return iv
     if fmt == "pyreft":
         return read_pyreft_dir(directory, positions=positions, act_fn=act_fn, hidden_size=hidden_size, head=head,
-                               num_heads=num_heads)
+                               num_heads=num_heads, widths=widths, heads=heads)
     if fmt == "pyvene":
         return read_pyvene_dir(directory, positions=positions, hidden_size=hidden_size, head=head,
-                               num_heads=num_heads)
+                               num_heads=num_heads, widths=widths, heads=heads)
     if fmt == "gift":
         raise InterventionFormatError("GIFT checkpoints change weights, not hidden states: convert them to a PEFT "
                                       "LoRA directory with steer_serve.formats.gift.convert_gift_dir (it needs the "
@@ -116,6 +116,7 @@ def _read(directory: Path, fmt: str, positions, act_fn, hidden_size, head, num_h
 
 def load_intervention(source: str | os.PathLike, *, format: str = "auto", allowed_dirs=None, positions=None,
                       act_fn=None, scale=None, hidden_size=None, num_layers=None, head=None, num_heads=None,
+                      widths=None, heads=None,
                       max_rank: int = MAX_RANK, max_placements: int = MAX_PLACEMENTS, allowed_families=None,
                       allow_hub: bool = True, hub_cache_dir=None) -> Intervention:
     """Load, override and validate an intervention from a local path or a hub id.
@@ -124,11 +125,12 @@ def load_intervention(source: str | os.PathLike, *, format: str = "auto", allowe
     ``positions``/``scale``/``act_fn`` override what the source says; ``hidden_size`` and
     ``num_layers`` describe the base model and are checked against the intervention.
     ``head``/``num_heads`` place pyreft/pyvene per-head interventions, whose save dirs do not
-    record the head.
+    record the head. ``widths``/``heads`` give the base model's width and head count per component
+    (``engine.architectures.component_geometry``) for components not ``hidden_size`` wide.
     """
     directory = _locate(source, allowed_dirs, allow_hub, hub_cache_dir)
     fmt = detect_format(directory) if format == "auto" else format
-    iv = _read(directory, fmt, positions, act_fn, hidden_size, head, num_heads)
+    iv = _read(directory, fmt, positions, act_fn, hidden_size, head, num_heads, widths, heads)
     if positions is not None:
         iv.positions = str(positions)
     if scale is not None:
@@ -149,6 +151,7 @@ def describe_intervention(iv: Intervention) -> dict:
             "num_parameters": sum(t.numel() for t in edit.params.values()),
             "config": edit.config,
             "window": edit.window,
+            "width": iv.edit_width(edit),
         })
     return {
         "families": sorted({e.family for e in iv.edits}),

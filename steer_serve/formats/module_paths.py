@@ -12,10 +12,21 @@ from __future__ import annotations
 
 import re
 
-from ..engine.architectures import ARCHITECTURES
+from ..engine.architectures import ARCHITECTURES, Site
 from .errors import InterventionFormatError
 
 _PATH = re.compile(r"^(?P<layers>[A-Za-z_][\w.]*)\[(?P<layer>\d+)\](?:\.(?P<module>[\w.]+?))?\.(?P<io>output|input)$")
+
+
+def _hf_hook_point(site: Site) -> tuple[str, str] | None:
+    """(module path, "output" | "input") of a site in Hugging Face's modules: vLLM's fused
+    ``qkv_proj`` slices are HF's ``q_proj``/``k_proj``/``v_proj`` outputs, a gated activation is
+    HF's ``act_fn`` output; GPT-2's ``c_attn`` is fused in HF too, so its slices have no path."""
+    if site.hook in ("q", "k", "v"):
+        if not site.module.endswith("qkv_proj"):
+            return None
+        return site.module.removesuffix("qkv_proj") + f"{site.hook}_proj", "output"
+    return site.module, "output" if site.hook == "gated" else site.hook
 
 
 def _site_table() -> dict[tuple[str, str, str], str]:
@@ -24,8 +35,10 @@ def _site_table() -> dict[tuple[str, str, str], str]:
     for table in ARCHITECTURES.values():
         parts = table.layers.split(".")
         for start in range(len(parts)):
-            for component, (module, io) in table.sites.items():
-                sites[(".".join(parts[start:]), module, io)] = component
+            for component, site in table.sites.items():
+                hook_point = _hf_hook_point(site)
+                if hook_point:
+                    sites[(".".join(parts[start:]), *hook_point)] = component
     return sites
 
 

@@ -59,6 +59,7 @@ def _metadata(iv: Intervention) -> dict:
             "config": edit.config,
             "params": {name: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for name, t in edit.params.items()},
             **({"window": edit.window} if edit.window else {}),
+            **({"width": edit.width} if edit.width else {}),
         })
     return {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
@@ -153,7 +154,12 @@ def read_native(directory: str | os.PathLike) -> Intervention:
         if window is not None and window not in WINDOWS:
             raise InterventionFormatError(f"{CONFIG_FILE}: {where}window must be one of {WINDOWS} or absent, got "
                                           f"{window!r}", param=where + "window")
-        edits.append(Edit(family=family, placement=placement, params=params, config=config, window=window))
+        width = em.get("width")
+        if width is not None and (isinstance(width, bool) or not isinstance(width, int)):
+            raise InterventionFormatError(f"{CONFIG_FILE}: {where}width must be an integer or absent, got {width!r}",
+                                          param=where + "width")
+        edits.append(Edit(family=family, placement=placement, params=params, config=config, window=window,
+                          width=width))
     extra = sorted(set(tensors) - used)
     if extra:
         raise InterventionFormatError(f"{WEIGHTS_FILE} holds tensors no edit declares: {', '.join(extra[:5])}",

@@ -38,11 +38,12 @@ def _is_split_layout(edits: list) -> bool:
 
 
 def read_pyreft_dir(path: str | os.PathLike, *, positions: str | None = None, act_fn: str | None = None,
-                    hidden_size: int | None = None, head: int | None = None,
-                    num_heads: int | None = None) -> Intervention:
+                    hidden_size: int | None = None, head: int | None = None, num_heads: int | None = None,
+                    widths: dict | None = None, heads: dict | None = None) -> Intervention:
     """Read a pyreft save directory (``config.json`` + ``intkey_*.bin``) into an :class:`Intervention`."""
     iv = read_intervention_dir(path, source_format="pyreft", positions=positions or DEFAULT_POSITIONS,
-                               act_fn=act_fn, hidden_size=hidden_size, head=head, num_heads=num_heads)
+                               act_fn=act_fn, hidden_size=hidden_size, head=head, num_heads=num_heads,
+                               widths=widths, heads=heads)
     if _is_split_layout(iv.edits):
         half = len(iv.edits) // 2
         for i, edit in enumerate(iv.edits):

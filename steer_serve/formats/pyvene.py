@@ -21,8 +21,10 @@ torch's own ``orthogonal`` parametrization, the very code pyreft/pyvene run. Ten
 saved dtypes (pyreft's bf16 ``learned_source`` next to an fp32 ``rotate_layer``).
 
 pyvene does not store which head a ``head_*`` intervention acts on (heads are chosen per call):
-pass ``head=``. Its width ``head_dim`` is the intervention's ``embed_dim``; the component is
-assumed ``num_heads * head_dim = hidden_size`` wide (Llama's ``o_proj`` input).
+pass ``head=``. Its width ``head_dim`` is the intervention's ``embed_dim``. ``widths`` / ``heads``
+(per component, from the base model's config: ``engine.architectures.component_geometry``) give
+each component's width and head count; without them every component is assumed ``hidden_size``
+wide with ``num_heads`` heads (Llama's multi-head layout).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from pathlib import Path
 import torch
 
 from ..interventions import edit_config, get_family
-from ..interventions.base import COMPONENTS, Edit, Intervention, Placement
+from ..interventions.base import COMPONENTS, HEAD_COMPONENTS, RESIDUAL_COMPONENTS, Edit, Intervention, Placement
 from .errors import InterventionFormatError
 from .module_paths import is_module_path, resolve_module_path
 from .sources import read_json, safe_torch_load
@@ -226,6 +228,7 @@ def _candidate_keys(rep: dict, counters: dict) -> list[str]:
 
 def read_intervention_dir(path: str | os.PathLike, *, source_format: str, positions: str, act_fn: str | None = None,
                           hidden_size: int | None = None, head: int | None = None, num_heads: int | None = None,
+                          widths: dict | None = None, heads: dict | None = None,
                           source: torch.Tensor | None = None) -> Intervention:
     """Read a pyvene/pyreft save directory into an :class:`Intervention` (see the module docstring)."""
     directory = Path(path)
@@ -242,7 +245,7 @@ def read_intervention_dir(path: str | os.PathLike, *, source_format: str, positi
     if not isinstance(dims, list) or not isinstance(sorted_keys, list):
         _fail("config.json: intervention_dimensions and sorted_keys must be lists", param="config.json")
     counters: dict = {}
-    edits, widths = [], []
+    edits, edit_widths = [], []
     for i, (rep, type_str) in enumerate(zip(reps, types)):
         family = CLASS_FAMILIES[_intervention_class(type_str, i)]
         keys = ([sorted_keys[i]] if i < len(sorted_keys) else []) + _candidate_keys(rep, counters)
@@ -257,15 +260,18 @@ def read_intervention_dir(path: str | os.PathLike, *, source_format: str, positi
         component = rep.get("component")
         layer, component = resolve_module_path(component, param=f"representations[{i}].component") \
             if is_module_path(component) else parse_key(key)[:2]
-        if component.removeprefix("head_") not in COMPONENTS:
+        base = component.removeprefix("head_")
+        if base not in COMPONENTS or (base != component and base not in HEAD_COMPONENTS):
             _fail(f"{where}: component {component!r} is not servable; supported: {', '.join(COMPONENTS)} "
-                  "(and head_attention_value_output)", param=where, code="unsupported_component")
+                  f"(and head_ forms of {', '.join(HEAD_COMPONENTS)})", param=where, code="unsupported_component")
+        model_width = (widths or {}).get(base, hidden_size)
         params = _params(family, sd, where, source)
         embed_dim = sd.pop("embed_dim", None)
         leftover = sorted(str(k) for k in sd if k not in _BOOKKEEPING)
         if leftover:
             _fail(f"{where}: unexpected tensors {leftover} for a {family} intervention", param=where)
-        width = _width(params, embed_dim, hidden_size, component, num_heads, where)
+        model_heads = (heads or {}).get(base, num_heads)
+        width = _width(params, embed_dim, model_width, component, model_heads, where)
         config: dict = {}
         if family in ACT_FAMILIES and act_fn:
             config["act_fn"] = act_fn
@@ -282,34 +288,41 @@ def read_intervention_dir(path: str | os.PathLike, *, source_format: str, positi
             if head is None:
                 _fail(f"{where}: a {component} intervention acts on heads chosen at call time; pass head=",
                       param="head", code="missing_head")
-            heads = hidden_size // width if hidden_size else num_heads
-            if not heads:
+            count = model_width // width if model_width else model_heads
+            if not count:
                 _fail(f"{where}: placing a per-head intervention needs hidden_size= or num_heads=",
                       param="hidden_size", code="missing_hidden_size")
-            placement_head, component_width = head, width * heads
-            config.update(head_dim=width, num_heads=heads)
-        if hidden_size and component_width != hidden_size:
+            placement_head, component_width = head, width * count
+            config.update(head_dim=width, num_heads=count)
+        if model_width and component_width != model_width:
             _fail(f"{where}: hidden size mismatch: the intervention acts on {component_width} columns but "
-                  f"hidden_size is {hidden_size}", param="hidden_size", code="hidden_size_mismatch")
+                  f"the base model's {base} is {model_width} wide", param="hidden_size", code="hidden_size_mismatch")
         try:
             edit = Edit(family, Placement(layer, component, placement_head), params, config)
-            get_family(family).validate(params, edit_config(edit), hidden_size or component_width)
+            get_family(family).validate(params, edit_config(edit), component_width)
         except (ValueError, TypeError, IndexError, RuntimeError) as exc:
             _fail(f"{where}: {exc}", param=f"edits[{i}]")
-        if edits and component_width != widths[0]:
-            _fail(f"{where}: interventions act on different widths ({widths[0]} and {component_width})",
-                  param=f"edits[{i}]")
         edits.append(edit)
-        widths.append(component_width)
-    return Intervention(edits=edits, hidden_size=hidden_size or widths[0], positions=positions,
-                        source_format=source_format)
+        edit_widths.append(component_width)
+    return _with_widths(edits, edit_widths, hidden_size, positions, source_format)
+
+
+def _with_widths(edits: list[Edit], edit_widths: list[int], hidden_size: int | None, positions: str,
+                 source_format: str) -> Intervention:
+    """The intervention, ``hidden_size`` wide (the model's, else a residual edit's, else the first edit's);
+    edits on components of another width record theirs."""
+    residual = [w for e, w in zip(edits, edit_widths) if e.placement.component in RESIDUAL_COMPONENTS]
+    hidden = hidden_size or (residual or edit_widths)[0]
+    for edit, width in zip(edits, edit_widths):
+        edit.width = width if width != hidden else None
+    return Intervention(edits=edits, hidden_size=hidden, positions=positions, source_format=source_format)
 
 
 #: Which dimension of a parameter is the width the intervention acts on.
 _WIDTH_DIM = {"rotate_layer": 0, "source": 0, "mask": 0, "masks": 0, "weight": 1, "proj_weight": 1}
 
 
-def _width(params: dict, embed_dim, hidden_size, component: str, num_heads, where: str) -> int:
+def _width(params: dict, embed_dim, model_width, component: str, num_heads, where: str) -> int:
     """How many columns the intervention's tensors span (head_dim for per-head components)."""
     for name, dim in _WIDTH_DIM.items():
         if name in params:
@@ -322,17 +335,17 @@ def _width(params: dict, embed_dim, hidden_size, component: str, num_heads, wher
             return int(embed_dim)
         except (TypeError, ValueError, RuntimeError):
             _fail(f"{where}: embed_dim {embed_dim!r} is not an integer", param=where)
-    if hidden_size and not component.startswith("head_"):
-        return hidden_size
-    if hidden_size and num_heads:
-        return hidden_size // num_heads
+    if model_width and not component.startswith("head_"):
+        return model_width
+    if model_width and num_heads:
+        return model_width // num_heads
     _fail(f"{where}: the intervention stores no tensor to tell its width; pass hidden_size=", param="hidden_size",
           code="missing_hidden_size")
 
 
 def read_pyvene_dir(path: str | os.PathLike, *, positions: str | None = None, hidden_size: int | None = None,
-                    head: int | None = None, num_heads: int | None = None,
-                    source: torch.Tensor | None = None) -> Intervention:
+                    head: int | None = None, num_heads: int | None = None, widths: dict | None = None,
+                    heads: dict | None = None, source: torch.Tensor | None = None) -> Intervention:
     """Read a pyvene ``IntervenableModel.save`` directory.
 
     ``positions`` defaults to ``"all"`` (pyvene's generate, without ``intervene_on_prompt``,
@@ -341,4 +354,4 @@ def read_pyvene_dir(path: str | os.PathLike, *, positions: str | None = None, hi
     given) place ``head_*`` interventions.
     """
     return read_intervention_dir(path, source_format="pyvene", positions=positions or "all", hidden_size=hidden_size,
-                                 head=head, num_heads=num_heads, source=source)
+                                 head=head, num_heads=num_heads, widths=widths, heads=heads, source=source)

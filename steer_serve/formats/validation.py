@@ -60,14 +60,18 @@ def _check_header(iv: Intervention, hidden_size, max_placements) -> None:
         _fail(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {iv.dtype!r}", "dtype")
 
 
-def _check_tensors(i: int, edit: Edit, hidden_size: int, num_layers, max_rank: int) -> None:
+def _check_tensors(i: int, edit: Edit, width: int, num_layers, max_rank: int) -> None:
     where = _edit_name(i, edit)
     if num_layers is not None and edit.placement.layer >= num_layers:
         _fail(f"{where}: layer {edit.placement.layer} is out of range; the base model has {num_layers} layers "
               f"(0..{num_layers - 1})", f"edits[{i}].placement.layer", "layer_out_of_range")
     if not isinstance(edit.params, dict):
         _fail(f"{where}: params must be a dict of named tensors", f"edits[{i}].params")
-    widest = max(hidden_size, max_rank)
+    if isinstance(edit.width, bool) or not (edit.width is None or isinstance(edit.width, int) and
+                                             0 < edit.width <= MAX_HIDDEN_SIZE):
+        _fail(f"{where}: width must be an integer in [1, {MAX_HIDDEN_SIZE}] or absent, got {edit.width!r}",
+              f"edits[{i}].width")
+    widest = max(width, max_rank)
     for name, t in edit.params.items():
         param = f"edits[{i}].{name}"
         if not isinstance(t, torch.Tensor):
@@ -77,13 +81,13 @@ def _check_tensors(i: int, edit: Edit, hidden_size: int, num_layers, max_rank: i
                   "dtype (float32, float16, bfloat16 or float64)", param, "invalid_dtype")
         if any(dim > widest for dim in t.shape):
             _fail(f"{where}: param {name!r} has shape {tuple(t.shape)}: dimension {max(t.shape)} exceeds both the "
-                  f"hidden size {hidden_size} and the rank limit {max_rank}", param, "rank_too_large")
+                  f"component width {width} and the rank limit {max_rank}", param, "rank_too_large")
         if not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             _fail(f"{where}: param {name!r} holds {bad} NaN/Inf value(s)", param, "non_finite")
 
 
-def _check_family(i: int, edit: Edit, hidden_size: int, max_rank: int, allowed_families) -> None:
+def _check_family(i: int, edit: Edit, width: int, max_rank: int, allowed_families) -> None:
     where = _edit_name(i, edit)
     if allowed_families is not None and edit.family not in allowed_families:
         _fail(f"{where}: family {edit.family!r} is not allowed on this server "
@@ -94,7 +98,7 @@ def _check_family(i: int, edit: Edit, hidden_size: int, max_rank: int, allowed_f
     family = interventions.get_family(edit.family)
     config = interventions.edit_config(edit)
     try:
-        family.validate(edit.params, config, hidden_size)
+        family.validate(edit.params, config, width)
         rank = family.to_lowrank(edit.params, config).rank
     except (ValueError, TypeError, KeyError, IndexError, RuntimeError, NotImplementedError) as exc:
         param = getattr(exc, "param", None) or f"edits[{i}]"
@@ -113,7 +117,7 @@ def validate_intervention(iv: Intervention, *, hidden_size: int | None = None, n
     """
     _check_header(iv, hidden_size, max_placements)
     for i, edit in enumerate(iv.edits):
-        _check_tensors(i, edit, iv.hidden_size, num_layers, max_rank)
+        _check_tensors(i, edit, iv.edit_width(edit), num_layers, max_rank)
     for i, edit in enumerate(iv.edits):
-        _check_family(i, edit, iv.hidden_size, max_rank, allowed_families)
+        _check_family(i, edit, iv.edit_width(edit), max_rank, allowed_families)
     return iv

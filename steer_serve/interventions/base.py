@@ -22,8 +22,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-#: Where an edit acts. Per-head variants are written ``head_<component>`` with ``Placement.head``.
-COMPONENTS = ("block_output", "mlp_output", "attention_output", "attention_value_output")
+#: Where an edit acts, in pyvene's vocabulary (see ``steer_serve.engine.architectures`` for each
+#: one's meaning). Per-head variants are written ``head_<component>`` with ``Placement.head``.
+COMPONENTS = ("block_input", "block_output", "attention_input", "attention_output", "attention_value_output",
+              "query_output", "key_output", "value_output", "mlp_input", "mlp_activation", "mlp_output")
+
+#: Components on the residual stream's width (``hidden_size`` columns).
+RESIDUAL_COMPONENTS = ("block_input", "block_output", "attention_input", "attention_output", "mlp_input",
+                       "mlp_output")
+
+#: Components that have ``head_<component>`` variants (pyvene's per-head sites).
+HEAD_COMPONENTS = ("attention_value_output", "query_output", "key_output", "value_output")
 
 #: Activation names accepted by ``LowRankEdit.act`` (pyreft takes transformers' ACT2FN names).
 ACTIVATIONS = ("linear", "relu", "gelu", "tanh", "sigmoid", "silu")
@@ -39,9 +48,9 @@ class Placement:
 
     def __post_init__(self):
         base = self.component.removeprefix("head_")
-        if base not in COMPONENTS:
-            raise ValueError(f"unknown component {self.component!r}; expected one of {COMPONENTS} "
-                             "(or head_<component> with a head index)")
+        if base not in COMPONENTS or (base != self.component and base not in HEAD_COMPONENTS):
+            raise ValueError(f"unknown component {self.component!r}; expected one of {', '.join(COMPONENTS)} "
+                             f"(or head_<component> of {', '.join(HEAD_COMPONENTS)} with a head index)")
         if self.component.startswith("head_") != (self.head is not None):
             raise ValueError(f"component {self.component!r}: a head index is required exactly for head_* components")
         if self.layer < 0:
@@ -58,7 +67,9 @@ class Edit:
 
     ``window`` (``"first"`` / ``"last"``) restricts the edit to that half of an ``f<n>+l<n>``
     positions window, as pyreft's ``share_weights=False`` layout places its two interventions
-    per layer; None acts on all of the intervention's positions.
+    per layer; None acts on all of the intervention's positions. ``width`` is the number of
+    columns of the component it acts on when that is not the intervention's ``hidden_size``
+    (keys/values under grouped-query attention, the MLP activation).
     """
 
     family: str
@@ -66,6 +77,7 @@ class Edit:
     params: dict[str, torch.Tensor]
     config: dict = field(default_factory=dict)
     window: str | None = None
+    width: int | None = None
 
 
 @dataclass
@@ -79,6 +91,10 @@ class Intervention:
     base_model: str | None = None
     dtype: str = "float32"
     source_format: str = "native"
+
+    def edit_width(self, edit: Edit) -> int:
+        """Columns of the component ``edit`` acts on."""
+        return edit.width or self.hidden_size
 
     def num_parameters(self) -> int:
         return sum(t.numel() for e in self.edits for t in e.params.values())
@@ -95,6 +111,14 @@ class LowRankEdit:
     v: torch.Tensor | None = None
     z: torch.Tensor | None = None
     act: str = "linear"
+
+    @property
+    def width(self) -> int | None:
+        """Columns of the component the edit acts on (None when it holds no tensor)."""
+        for t, dim in ((self.W, 1), (self.P, 0), (self.U, 0), (self.v, 0), (self.z, 0)):
+            if t is not None:
+                return t.shape[dim]
+        return None
 
     @property
     def rank(self) -> int:
