@@ -1,64 +1,40 @@
-"""Steering on architectures other than Llama, through the server (issue 14).
+"""Steering on each architecture with a table, through the server (issues 14 and 21).
 
-Each architecture is a tiny random-weight model built here from a config (hidden 128, 4 heads of
-32 — vLLM's CPU attention refuses head_dim 16 —, 2 layers, the default model's tokenizer files).
-The reference is Hugging Face transformers with the same edit hooked on the module pyvene names
-for the component, greedy by full forwards. One server per architecture, stopped after its tests.
+Each architecture is a tiny random-weight model built from a config (``fixtures/tiny_models.py``).
+References: Hugging Face transformers with the same edit hooked on the module pyvene names for the
+component (greedy by full forwards), and save dirs written by the real pyreft / pyvene with their
+own greedy tokens (``fixtures/data_families``). One server per architecture, stopped after its tests.
 """
 from __future__ import annotations
 
+import asyncio
+import json
 import shutil
 
 import httpx
 import pytest
 import torch
 
-from live_server import ServerProcess
+from fixtures.tiny_models import HIDDEN, LAYERS, PROMPTS, build_tiny_model
+from live_server import FIXTURES, ServerProcess
 from steer_serve.interventions import reference_apply
 from steer_serve.interventions.base import Edit, Intervention, Placement
 from steering_helpers import complete, register, tokens
 
-HIDDEN, LAYERS, NEW_TOKENS = 128, 2, 8
-PROMPT = [504, 3575, 282, 4649, 314]
+NEW_TOKENS = 8
+FAMILIES = FIXTURES.parent / "data_families"
+FAMILY_DOC = json.loads((FAMILIES / "cases.json").read_text())
+PROMPT = PROMPTS[0]
 
-#: config class, its fields, and the HF module of each component tested (layer 1 / layer 0)
-MODELS = {
-    "MistralForCausalLM": ("MistralConfig", {"num_key_value_heads": 2, "head_dim": 32, "sliding_window": None},
-                           "model.layers.{}", "model.layers.{}.self_attn.o_proj", "model.layers.{}.mlp"),
-    "Qwen2ForCausalLM": ("Qwen2Config", {"num_key_value_heads": 2},
-                         "model.layers.{}", "model.layers.{}.self_attn.o_proj", "model.layers.{}.mlp"),
-    "GPT2LMHeadModel": ("GPT2Config", {},
-                        "transformer.h.{}", "transformer.h.{}.attn.c_proj", "transformer.h.{}.mlp"),
+#: the HF module of each component tested (block, attention output projection, MLP), per architecture
+MODULES = {
+    "LlamaForCausalLM": ("model.layers.{}", "model.layers.{}.self_attn.o_proj", "model.layers.{}.mlp"),
+    "MistralForCausalLM": ("model.layers.{}", "model.layers.{}.self_attn.o_proj", "model.layers.{}.mlp"),
+    "Qwen2ForCausalLM": ("model.layers.{}", "model.layers.{}.self_attn.o_proj", "model.layers.{}.mlp"),
+    "GPT2LMHeadModel": ("transformer.h.{}", "transformer.h.{}.attn.c_proj", "transformer.h.{}.mlp"),
 }
-#: component → (index of its module in MODELS' tuple, hooked on the module's input)
-COMPONENTS = {"block_output": (2, False), "attention_value_output": (3, True), "mlp_output": (4, False)}
-
-
-def build_tiny_model(architecture: str, target, tokenizer_dir) -> None:
-    """Save a seeded random ``architecture`` model at ``target`` with the default model's tokenizer."""
-    import transformers
-
-    config_name, fields, *_ = MODELS[architecture]
-    common = {"vocab_size": 49152, "hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": 4,
-              "intermediate_size": 256, "max_position_embeddings": 512, "tie_word_embeddings": False,
-              "bos_token_id": 1, "eos_token_id": 2}
-    if config_name == "GPT2Config":
-        common = {"vocab_size": 49152, "n_embd": HIDDEN, "n_layer": LAYERS, "n_head": 4, "n_positions": 512,
-                  "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
-    config = getattr(transformers, config_name)(**common, **fields)
-    config.architectures = [architecture]
-    model = getattr(transformers, architecture)(config)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if param.ndim == 1 and ("norm" in name or "ln_" in name):
-                param.fill_(1.0)
-            else:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-    model.save_pretrained(target)
-    for path in tokenizer_dir.iterdir():
-        if path.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
-            shutil.copy(path, target / path.name)
+#: component → (index of its module in MODULES' tuple, hooked on the module's input)
+COMPONENTS = {"block_output": (0, False), "attention_value_output": (1, True), "mlp_output": (2, False)}
 
 
 def hf_greedy(model_dir, edit_at: str | None = None, edit_fn=None, on_input: bool = False) -> list[int]:
@@ -80,7 +56,7 @@ def hf_greedy(model_dir, edit_at: str | None = None, edit_fn=None, on_input: boo
     return ids[len(PROMPT):]
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
+@pytest.fixture(scope="module", params=list(MODULES))
 def arch_server(request, tmp_path_factory, intervention_dir):
     from steer_serve.model import prepare_default_model
 
@@ -88,6 +64,7 @@ def arch_server(request, tmp_path_factory, intervention_dir):
     root = tmp_path_factory.mktemp(architecture)
     build_tiny_model(architecture, root / "model", prepare_default_model())
     proc = ServerProcess("--model", str(root / "model"), "--allowed-intervention-dir", str(intervention_dir),
+                         "--allowed-intervention-dir", str(FAMILIES), "--max-interventions", "32", "--max-rank", "128",
                          "--max-model-len", "512", registry_dir=root / "registry",
                          log_path=root / "server.log").start()
     yield architecture, root / "model", proc
@@ -105,11 +82,51 @@ def test_components_match_transformers_hooks(arch_server, intervention_dir):
             iv = Intervention([Edit("steering_vector", Placement(layer, component), {"vector": vector})], HIDDEN)
             name = f"{architecture}-{component}"
             register(client, intervention_dir, name, iv)
-            expected = hf_greedy(model_dir, MODELS[architecture][index].format(layer),
+            expected = hf_greedy(model_dir, MODULES[architecture][index].format(layer),
                                  lambda h: reference_apply(iv, h.reshape(-1, HIDDEN)).reshape(h.shape), on_input)
             assert expected != plain, f"{component}: the edit does not change transformers' tokens"
             steered = tokens(complete(client, PROMPT, NEW_TOKENS, intervention=name, ignore_eos=True))
             assert steered == expected, component
+
+
+def _library_cases(architecture: str) -> list[dict]:
+    return [c for c in FAMILY_DOC["cases"] if c["architecture"] == architecture]
+
+
+def _library_request(case: dict, prompt: list[int]) -> dict:
+    return {"prompt": prompt, "max_tokens": FAMILY_DOC["new_tokens"], "temperature": 0, "return_token_ids": True,
+            "ignore_eos": True, "interventions": [{"id": case["name"], "positions": case["positions"]}]}
+
+
+def test_library_save_dirs_equal_the_library(arch_server):
+    """Save dirs written by pyreft 0.1.0 / pyvene 0.1.8 (``fixtures/data_families``) register as saved and
+    give the library's greedy tokens: on the tiny Llama every pyreft and pyvene family, on every
+    architecture each component pyvene maps; solo, then all of them in one concurrent burst."""
+    architecture, _, proc = arch_server
+    cases = _library_cases(architecture)
+    assert cases, architecture
+    with httpx.Client(base_url=proc.url, timeout=300) as client:
+        for prompt, plain in zip(FAMILY_DOC["prompts"], FAMILY_DOC["plain"][architecture]):
+            assert tokens(complete(client, prompt, FAMILY_DOC["new_tokens"], ignore_eos=True)) == plain
+        for case in cases:
+            response = client.post("/v1/interventions", json={"id": case["name"], "source": str(FAMILIES / case["name"]),
+                                                              **case["registration"]})
+            assert response.status_code in (201, 409), response.text
+            for prompt, expected in zip(FAMILY_DOC["prompts"], case["steered_ids"]):
+                response = client.post("/v1/completions", json=_library_request(case, prompt))
+                assert response.status_code == 200, response.text
+                assert tokens(response.json()) == expected, (case["name"], prompt)
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=proc.url, timeout=600) as client:
+            jobs = [(case, i, client.post("/v1/completions", json=_library_request(case, prompt)))
+                    for case in cases for i, prompt in enumerate(FAMILY_DOC["prompts"])]
+            replies = await asyncio.gather(*(job for *_, job in jobs))
+            return [(case, i, reply) for (case, i, _), reply in zip(jobs, replies)]
+
+    for case, i, reply in asyncio.run(burst()):
+        assert reply.status_code == 200, reply.text
+        assert tokens(reply.json()) == case["steered_ids"][i], (case["name"], i, "in the burst")
 
 
 def test_unsteerable_architecture_is_served_plain_and_refuses_interventions(tmp_path, intervention_dir):
