@@ -16,6 +16,8 @@ sum, bit for bit as Hugging Face's layer output. Block input likewise: the layer
 """
 from __future__ import annotations
 
+import copy
+
 import importlib
 
 import torch
@@ -155,6 +157,19 @@ def _gated_activation_hook(steering: LayerSteering, component: str):
     return hook
 
 
+def _unshare_site_modules(layers, table: ArchitectureTable) -> None:
+    """Give every layer its own copy of a site module that several layers hold as one object: vLLM's
+    ``get_act_fn`` hands every layer the same cached activation instance (GPT-2's ``mlp.act``), and a
+    hook on it would fire at every layer. Runs before any hook exists (a deep copy keeps none)."""
+    owner: dict[int, nn.Module] = {}
+    for layer in layers:
+        for path in {site.module for site in table.sites.values() if site.module}:
+            module = layer.get_submodule(path)
+            if owner.setdefault(id(module), layer) is not layer and not any(True for _ in module.parameters()):
+                parent, _, name = path.rpartition(".")
+                setattr(layer.get_submodule(parent) if parent else layer, name, copy.deepcopy(module))
+
+
 def _install_layer_hooks(layer: nn.Module, steering: LayerSteering, table: ArchitectureTable) -> None:
     for component in steering.components:
         site = table.sites[component]
@@ -187,6 +202,7 @@ def _install_steering(model: nn.Module, vllm_config, table: ArchitectureTable) -
     widths, heads = component_geometry(vllm_config.model_config.hf_text_config.to_dict())
     layers = model.get_submodule(table.layers)
     model.steer_layers = []
+    _unshare_site_modules([layer for layer in layers if type(layer).__name__ != "PPMissingLayer"], table)
     for index, layer in enumerate(layers):
         if type(layer).__name__ == "PPMissingLayer":       # another pipeline stage's layer
             continue
