@@ -116,11 +116,13 @@ def component_geometry(config: dict) -> tuple[dict[str, int], dict[str, int]]:
     if isinstance(config.get("text_config"), dict):
         config = {**config, **config["text_config"]}
     hidden = int(_first(config, "hidden_size", "n_embd", "d_model"))
+    widths = {c: hidden for c in RESIDUAL_COMPONENTS}
+    if _first(config, "num_attention_heads", "n_head") is None:  # a config naming only the residual width
+        return widths, {}
     heads = int(_first(config, "num_attention_heads", "n_head"))
     kv_heads = int(_first(config, "num_key_value_heads", default=heads))
     head_dim = int(_first(config, "head_dim", default=hidden // heads))
     inner = int(_first(config, "intermediate_size", "n_inner", default=4 * hidden))
-    widths = {c: hidden for c in RESIDUAL_COMPONENTS}
     widths.update(attention_value_output=heads * head_dim, query_output=heads * head_dim,
                   key_output=kv_heads * head_dim, value_output=kv_heads * head_dim, mlp_activation=inner)
     head_counts = {"attention_value_output": heads, "query_output": heads, "key_output": kv_heads,
