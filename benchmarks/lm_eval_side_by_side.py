@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO / "tests" / "fixtures"))
 from make_fixtures import isolated_venv  # noqa: E402  (one venv builder for every isolated tool)
 
 VENV = REPO / ".lmeval-venv"
-RECIPE = [["torch==2.13.0"], ["lm_eval[api]==0.4.13"]]
+RECIPE = [["torch==2.13.0"], ["lm_eval[api]==0.4.13", "transformers==5.25.0"]]
 MODEL_NAME = "SmolLM2-135M-Instruct"
 ENGINE_ARGS = ["--max-model-len", "2048"]
 TASK = "steer_local_mc"
