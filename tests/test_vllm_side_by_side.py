@@ -13,10 +13,11 @@ from __future__ import annotations
 import httpx
 import jsonschema
 import pytest
+import torch
 
 from conftest import ADMIN_KEY, VLLM_FLAGS
 from live_server import VllmServerProcess
-from steering_helpers import random_loreft, register
+from steering_helpers import hook_hf_module, random_loreft, register
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 #: lm-eval's `local-completions` loglikelihood payload: context + continuation, scored by echo.
@@ -238,13 +239,31 @@ def test_unknown_fields_are_refused_by_name_not_ignored(server):
 
 
 def test_prompt_logprobs_carry_the_intervention(server, client, intervention_dir):
-    """Scoring through `model: <intervention id>` (lm-eval's form) sees the edit on the prompt."""
-    register(client, intervention_dir, "sbs-loreft", random_loreft(seed=31, positions="all"))
+    """Scoring through `model: <intervention id>` (lm-eval's form) gives the prompt tokens' logprobs of
+    an independent transformers forward with the reference edit hooked at its layer, every position."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from steer_serve.interventions import reference_apply
+    from steer_serve.model import prepare_default_model
+
+    iv = random_loreft(seed=31, positions="all")
+    register(client, intervention_dir, "sbs-loreft", iv)
     body = {"prompt": LM_EVAL_PROMPTS[0], "max_tokens": 0, "logprobs": 1, "echo": True, "temperature": 0}
     plain = _post(server.url, {**body, "model": MODEL_NAME}).json()["choices"][0]["logprobs"]["token_logprobs"]
     steered = _post(server.url, {**body, "model": "sbs-loreft"}).json()["choices"][0]["logprobs"]["token_logprobs"]
     assert len(plain) == len(steered) and plain[0] is None and steered[0] is None
     assert max(abs(a - b) for a, b in zip(plain[1:], steered[1:])) > 1e-2
+
+    model_dir = prepare_default_model()
+    ids = AutoTokenizer.from_pretrained(model_dir)(LM_EVAL_PROMPTS[0])["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hook_hf_module(model.model.layers[iv.edits[0].placement.layer], "output",
+                   lambda h: reference_apply(iv, h.reshape(-1, h.shape[-1])).reshape(h.shape))
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0], dim=-1)
+    expected = [float(logprobs[i - 1, token]) for i, token in enumerate(ids) if i > 0]
+    assert len(expected) == len(steered) - 1
+    assert max(abs(a - b) for a, b in zip(expected, steered[1:])) < 1e-3, (expected, steered)
 
 
 def test_interventions_compose_with_structured_outputs_tools_n_and_responses(server, client, intervention_dir):
