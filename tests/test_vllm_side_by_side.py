@@ -266,6 +266,32 @@ def test_prompt_logprobs_carry_the_intervention(server, client, intervention_dir
     assert max(abs(a - b) for a, b in zip(expected, steered[1:])) < 1e-3, (expected, steered)
 
 
+@pytest.mark.parametrize("positions", ["all", "l1"])
+def test_beam_search_is_steered_at_the_requests_positions(server, client, intervention_dir, positions):
+    """vLLM's beam search issues a fresh engine request per beam and step (prompt + the beam's tokens):
+    each carries the steering, positions counted from the user's prompt. Width 1 is greedy, so it
+    must give the steered greedy tokens (``l1``: only the last prompt token is edited, not the last
+    token of each step's longer prompt); width 2 is steered too."""
+    register(client, intervention_dir, f"sbs-beam-{positions}",
+             random_loreft(seed=41, positions=positions, strength=8.0))
+    steer = {"intervention": f"sbs-beam-{positions}"}
+    body = {**COMPLETION, "max_tokens": 8, "temperature": 0, "return_token_ids": True, "ignore_eos": True}
+
+    def ids(extra: dict) -> list[list[int]]:
+        response = httpx.post(f"{server.url}/v1/completions", json={**body, **extra}, timeout=300)
+        assert response.status_code == 200, response.text
+        return [c["token_ids"] for c in response.json()["choices"]]
+
+    greedy, steered_greedy = ids({}), ids(steer)
+    assert greedy != steered_greedy
+    assert ids({"use_beam_search": True, "n": 1, **steer}) == steered_greedy
+    assert ids({"use_beam_search": True, "n": 1}) == greedy
+    assert ids({"use_beam_search": True, "n": 2, **steer}) != ids({"use_beam_search": True, "n": 2})
+    batched = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
+        **body, "prompt": [body["prompt"], "Once upon a time"], "use_beam_search": True, **steer})
+    assert batched.status_code == 400 and batched.json()["error"]["param"] == "prompt", batched.text
+
+
 def test_interventions_compose_with_structured_outputs_tools_n_and_responses(server, client, intervention_dir):
     """The same forms under an intervention: still constrained, steered, every sequence pinned."""
     import json
@@ -296,8 +322,6 @@ def test_interventions_compose_with_structured_outputs_tools_n_and_responses(ser
     assert plain.status_code == many.status_code == 200, many.text
     pairs = zip(plain.json()["choices"], many.json()["choices"])
     assert all(a["token_ids"] != b["token_ids"] for a, b in pairs)   # every one of the n sequences is steered
-    beam = httpx.post(f"{server.url}/v1/completions", json={**body, "use_beam_search": True, **steer}, timeout=60)
-    assert beam.status_code == 400 and "use_beam_search" in beam.json()["error"]["message"]
     responses = [httpx.post(f"{server.url}/v1/responses", timeout=300, json={
         "model": MODEL_NAME, "input": "Name a colour.", "max_output_tokens": 8, "temperature": 0, **extra}).json()
         for extra in ({}, steer)]

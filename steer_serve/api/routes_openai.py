@@ -87,6 +87,15 @@ def _apply_token_limit(body, kind: str, limit: int) -> None:
                        param=field)
 
 
+def _refuse_batched_beam_search(body) -> None:
+    """vLLM runs the beam searches of a batched ``prompt`` under one request id, so their steps could not
+    be told apart to count each one's positions from its own prompt: one prompt per request."""
+    prompt = getattr(body, "prompt", None)
+    if isinstance(prompt, list) and len(prompt) > 1 and isinstance(prompt[0], (str, list)):
+        raise APIError(400, "use_beam_search with an intervention takes one prompt per request, not a batch",
+                       code="unsupported_value", param="prompt")
+
+
 def _hand_over(body, lease: Lease | None, request: Request) -> None:
     """Put the lease where vLLM carries per-request data: extra args, cache salt, LoRA model name."""
     state = request.app.state.steer
@@ -95,6 +104,9 @@ def _hand_over(body, lease: Lease | None, request: Request) -> None:
         return
     if lease.steering.slots:
         body.vllm_xargs = {**(body.vllm_xargs or {}), **lease.steering.to_extra_args()}
+        if getattr(body, "use_beam_search", False):
+            _refuse_batched_beam_search(body)
+            vllm.steer_beam_search(lease.steering.to_extra_args())
     if lease.cache_salt:
         body.cache_salt = f"{lease.cache_salt}:{body.cache_salt}" if body.cache_salt else lease.cache_salt
     if lease.lora is not None:
@@ -106,10 +118,6 @@ def _hand_over(body, lease: Lease | None, request: Request) -> None:
 async def _steered(request: Request, body, kind: str) -> Response:
     state = request.app.state.steer
     requested = resolve_interventions(body, state)
-    if requested and getattr(body, "use_beam_search", False):
-        raise APIError(400, "use_beam_search cannot be combined with interventions: vLLM's beam search issues a "
-                       "fresh engine request per step and token, which would not carry the steering",
-                       code="unsupported_field", param="use_beam_search")
     _apply_token_limit(body, kind, state.max_tokens_limit)
     labels = [i for i, _, _ in requested] or ["none"]
     request.state.user = getattr(body, "user", None)

@@ -19,11 +19,15 @@ other releases):
 * ``OpenAIServingModels.lora_requests`` (name → ``LoRARequest``) for adapters named by ``model``;
 * the request models' ``vllm_xargs``, ``cache_salt`` and ``model`` fields;
 * ``serve.exception_handling.error_response.create_error_response``: vLLM's status for an exception;
-* ``v1.metrics.prometheus.get_prometheus_registry`` for the ``vllm:`` metrics.
+* ``v1.metrics.prometheus.get_prometheus_registry`` for the ``vllm:`` metrics;
+* online beam search calling ``engine_client.generate`` once per beam and step, with request ids
+  ``<request>-<random hex>-beam-<i>`` and the original prompt's ``cache_salt`` (:func:`_steer_beam_search`).
 """
 from __future__ import annotations
 
+import contextvars
 import functools
+import re
 from argparse import Namespace
 
 from prometheus_client import generate_latest
@@ -42,6 +46,7 @@ from vllm.entrypoints.serve.tokenize.protocol import (
 
 from steer_serve.api.errors import APIError
 from steer_serve.api.schemas import SteeringFields
+from steer_serve.engine.config import steering_with_prompt_len
 from steer_serve.engine.plugin import check_vllm_version
 
 check_vllm_version()
@@ -151,8 +156,43 @@ async def init_frontend(app_state, engine_client, args: Namespace) -> None:
     """Build vLLM's serving objects over ``engine_client`` on ``app_state`` (as ``vllm serve`` does)."""
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 
+    _steer_beam_search(engine_client)
     supported_tasks = await engine_client.get_supported_tasks()
     await init_app_state(engine_client, app_state, args, supported_tasks)
+
+
+#: the steering extra args of the HTTP request being served, for vLLM's beam search (see below)
+_BEAM_STEERING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("steer_beam_steering", default=None)
+_BEAM_STEP_ID = re.compile(r"^(?P<parent>.+)-[0-9a-f]+-beam-\d+$")
+
+
+def steer_beam_search(extra_args: dict) -> None:
+    """Let vLLM's beam search, run by the handler of the current request, carry ``extra_args``."""
+    _BEAM_STEERING.set({"extra_args": extra_args, "prompt_lens": {}})
+
+
+def _steer_beam_search(engine_client) -> None:
+    """Wrap ``engine_client.generate`` for vLLM's online beam search (``BeamSearchOnlineMixin``).
+
+    Beam search issues one engine request per beam and step (id ``<request>-<random hex>-beam-<i>``),
+    prompt = original prompt + the beam's tokens, with fresh ``SamplingParams`` and the original
+    prompt's ``cache_salt``. The wrapper adds the request's steering to each, with the original
+    prompt's length (the first step's prompt) so that positions keep their meaning: ``l1`` stays
+    the last prompt token and the beam's tokens count as generated.
+    """
+    generate = engine_client.generate
+
+    async def steered_generate(prompt, sampling_params, request_id, *args, **kwargs):
+        steering, step = _BEAM_STEERING.get(), _BEAM_STEP_ID.match(request_id)
+        if steering is not None and step is not None:
+            prompt_len = steering["prompt_lens"].setdefault(step["parent"], len(prompt["prompt_token_ids"]))
+            sampling_params = sampling_params.clone()
+            sampling_params.extra_args = {**(sampling_params.extra_args or {}),
+                                          **steering_with_prompt_len(steering["extra_args"], prompt_len)}
+        async for output in generate(prompt, sampling_params, request_id, *args, **kwargs):
+            yield output
+
+    engine_client.generate = steered_generate
 
 
 def offer_lora(app_state, name: str, int_id: int, path: str) -> None:

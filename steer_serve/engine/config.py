@@ -33,20 +33,34 @@ class SteerConfig:
 
 @dataclass
 class RequestSteering:
-    """What one request asks for: slot ids, scales and positions, one entry per column."""
+    """What one request asks for: slot ids, scales and positions, one entry per column; and, for an
+    engine request whose prompt extends the user's (vLLM's beam-search steps), the user's prompt
+    length that positions are counted from."""
 
     slots: list[int] = field(default_factory=list)
     scales: list[float] = field(default_factory=list)
     positions: list[str] = field(default_factory=list)
+    prompt_len: int | None = None
 
     EXTRA_ARGS_KEY = "steer"
 
     def to_extra_args(self) -> dict:
-        return {self.EXTRA_ARGS_KEY: {"slots": self.slots, "scales": self.scales, "positions": self.positions}}
+        data = {"slots": self.slots, "scales": self.scales, "positions": self.positions}
+        if self.prompt_len is not None:
+            data["prompt_len"] = self.prompt_len
+        return {self.EXTRA_ARGS_KEY: data}
 
     @classmethod
     def from_extra_args(cls, extra_args: dict | None) -> "RequestSteering | None":
         data = (extra_args or {}).get(cls.EXTRA_ARGS_KEY)
         if not data:
             return None
-        return cls(list(data["slots"]), [float(s) for s in data["scales"]], list(data["positions"]))
+        return cls(list(data["slots"]), [float(s) for s in data["scales"]], list(data["positions"]),
+                   data.get("prompt_len"))
+
+
+def steering_with_prompt_len(extra_args: dict, prompt_len: int) -> dict:
+    """``extra_args`` of a request, with its positions counted from a prompt of ``prompt_len`` tokens."""
+    steering = RequestSteering.from_extra_args(extra_args)
+    steering.prompt_len = prompt_len
+    return steering.to_extra_args()

@@ -30,7 +30,8 @@ class StepState:
         self.num_columns = 0        # columns in use this step (host int: no device sync)
         self.active_sites: set[Site] = set()
         self.slot_sites: dict[int, frozenset[Site]] = {}
-        self._requests: dict[str, list[tuple[int, float, Positions]] | None] = {}
+        #: request id -> (columns, prompt length its positions count from, or None: the engine's)
+        self._requests: dict[str, tuple[list[tuple[int, float, Positions]], int | None] | None] = {}
         self._filled_tokens = 0
         self._slots_np = np.zeros(tuple(slots.shape), dtype=np.int64)
         self._coef_np = np.zeros(tuple(coef.shape), dtype=np.float32)
@@ -51,9 +52,10 @@ class StepState:
     def _steering_of(self, req_id: str, extra_args_of: Callable[[str], dict | None]):
         if req_id not in self._requests:
             steering = RequestSteering.from_extra_args(extra_args_of(req_id))
-            self._requests[req_id] = None if steering is None else [
+            self._requests[req_id] = None if steering is None else ([
                 (slot, scale, parse_positions(pos))
-                for slot, scale, pos in zip(steering.slots, steering.scales, steering.positions)]
+                for slot, scale, pos in zip(steering.slots, steering.scales, steering.positions)],
+                steering.prompt_len)
         return self._requests[req_id]
 
     def _forget_finished(self, live_req_ids: Collection[str]) -> None:
@@ -82,9 +84,11 @@ class StepState:
             n = int(num_scheduled[i])
             steering = self._steering_of(req_id, extra_args_of)
             if steering:
+                columns_of_request, prompt_len = steering
+                prompt_len = int(num_prompt[i]) if prompt_len is None else prompt_len
                 positions = np.arange(num_computed[i], num_computed[i] + n)
-                for m, (slot, scale, spec) in enumerate(steering):
-                    mask = spec.mask(positions, int(num_prompt[i]))
+                for m, (slot, scale, spec) in enumerate(columns_of_request):
+                    mask = spec.mask(positions, prompt_len)
                     if mask.any():
                         slots_np[m, offset:offset + n] = np.where(mask, slot, 0)
                         coef_np[m, offset:offset + n] = np.where(mask, scale, 0.0)
