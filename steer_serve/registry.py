@@ -32,6 +32,29 @@ from steer_serve.interventions.positions import parse_positions, window_part
 logger = logging.getLogger(__name__)
 
 
+def lock_registry_dir(path: Path):
+    """Hold ``path`` for this process (an exclusive ``flock`` on ``path/.lock``, released when the
+    process ends, even by SIGKILL): a second server on the same directory would overwrite this one's
+    ``registry.json`` and delete its weights. Returns the open lock file, to be kept alive."""
+    import fcntl
+
+    path.mkdir(parents=True, exist_ok=True)
+    handle = open(path / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise SystemExit(f"registry directory {path} is in use by another steer-serve process (pid {holder}); "
+                         f"give each server its own --registry-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
 class RegistryError(Exception):
     """A registry request that cannot be honoured; ``status`` is the HTTP status to answer with."""
 

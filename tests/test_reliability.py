@@ -28,7 +28,7 @@ import pytest
 
 import hostile_inputs
 from conftest import ADMIN_KEY
-from live_server import REPO
+from live_server import REPO, ServerProcess
 from steering_helpers import HIDDEN, complete, random_loreft, register, tokens
 from starlette.requests import ClientDisconnect
 from steer_loadtest import LoadConfig, run_loadtest
@@ -504,3 +504,13 @@ def test_soak(small, small_server, intervention_dir):
     assert len(results) >= 10 and counts["aborts"] >= 3 and counts["churn"] >= 2, figures
     assert rss_growth < 400 * 2**20, figures
     assert small.get("/health").json() == {"status": "ok"}
+
+
+def test_a_second_server_on_one_registry_dir_refuses_to_start(small_server, tmp_path):
+    """Two servers on one --registry-dir would overwrite each other's registry: the second one exits at
+    once (before loading the model), naming the directory and the holder's pid; the first keeps serving."""
+    registry_dir = small_server.args[small_server.args.index("--registry-dir") + 1]
+    second = ServerProcess(registry_dir=Path(registry_dir), log_path=tmp_path / "second.log")
+    with pytest.raises(RuntimeError, match="is in use by another steer-serve process"):
+        second.start(timeout=120)
+    assert httpx.get(f"{small_server.url}/health", timeout=10).status_code == 200

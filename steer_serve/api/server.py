@@ -4,13 +4,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import uvicorn
 
 from steer_serve.api.app import AppState, create_app
 from steer_serve.engine.engine import EngineSettings, SteerEngine
 from steer_serve.model import cache_dir
-from steer_serve.registry import InterventionRegistry
+from steer_serve.registry import InterventionRegistry, lock_registry_dir
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +39,17 @@ class ServerSettings:
     vllm_args: object = None   # ``vllm serve``'s parsed flags (argparse.Namespace), for vLLM's handlers
 
 
+def registry_path(settings: ServerSettings) -> Path:
+    """Where this server persists its registry (``--registry-dir``, default under the cache dir)."""
+    return Path(settings.registry_dir) if settings.registry_dir else cache_dir() / "registry"
+
+
 async def build_state(engine: SteerEngine, settings: ServerSettings) -> AppState:
     """Registry (restored from disk, then preloads) around a started engine."""
     from steer_serve.formats import load_intervention
-    from pathlib import Path
 
     model_path = engine.settings.model
-    persist = Path(settings.registry_dir) if settings.registry_dir else cache_dir() / "registry"
+    persist = registry_path(settings)
     registry = InterventionRegistry(engine, persist_dir=persist)
     restored = await registry.restore()
     if restored:
@@ -82,6 +87,7 @@ class _DrainingServer(uvicorn.Server):
 
 async def serve(engine_settings: EngineSettings, settings: ServerSettings) -> None:
     """Run until SIGINT/SIGTERM; in-flight requests drain for up to ``drain_timeout`` seconds."""
+    registry_lock = lock_registry_dir(registry_path(settings))  # before the engine: a clash fails fast
     engine = await SteerEngine.start(engine_settings)
 
     async def stop_engine() -> None:
@@ -105,3 +111,4 @@ async def serve(engine_settings: EngineSettings, settings: ServerSettings) -> No
         await server.serve()
     finally:
         engine.shutdown()
+        registry_lock.close()
