@@ -514,3 +514,23 @@ def test_a_second_server_on_one_registry_dir_refuses_to_start(small_server, tmp_
     with pytest.raises(RuntimeError, match="is in use by another steer-serve process"):
         second.start(timeout=120)
     assert httpx.get(f"{small_server.url}/health", timeout=10).status_code == 200
+
+
+def test_engine_death_takes_the_server_down(tmp_path):
+    """SIGKILL of the engine processes (what an OOM kill does): the server stops taking requests and
+    the process exits non-zero within seconds, so a supervisor restarts it (vLLM's server does the same)."""
+    from fixtures.tiny_models import build_tiny_model
+    from steer_serve.model import prepare_default_model
+
+    build_tiny_model("LlamaForCausalLM", tmp_path / "model", prepare_default_model())
+    proc = ServerProcess("--model", str(tmp_path / "model"), "--max-model-len", "512",
+                         registry_dir=tmp_path / "registry", log_path=tmp_path / "server.log").start()
+    try:
+        assert httpx.get(f"{proc.url}/ready", timeout=10).status_code == 200
+        for child in psutil.Process(proc.proc.pid).children(recursive=True):
+            child.kill()
+        code = proc.proc.wait(60)
+        assert code != 0, proc.tail()
+        assert "the engine died" in proc.log_path.read_text(errors="replace"), proc.tail()
+    finally:
+        proc.stop()

@@ -85,6 +85,24 @@ class _DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+ENGINE_WATCH_INTERVAL_S = 1.0
+
+
+async def _exit_when_the_engine_dies(engine: SteerEngine, state: AppState, server: uvicorn.Server) -> bool:
+    """vLLM's own server watches its engine the same way: once the engine core is dead (killed, OOM),
+    stop taking requests (``/ready`` 503) and shut the server down, so the process exits non-zero
+    and a supervisor or load balancer reacts instead of it answering 500 for ever. True if it died;
+    False once a normal shutdown began (which stops the engine itself)."""
+    while state.ready:
+        if engine.llm.errored:
+            logger.error("the engine died (%s): shutting the server down", engine.llm.dead_error)
+            state.ready = False
+            server.should_exit = True
+            return True
+        await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
+    return False
+
+
 async def serve(engine_settings: EngineSettings, settings: ServerSettings) -> None:
     """Run until SIGINT/SIGTERM; in-flight requests drain for up to ``drain_timeout`` seconds."""
     registry_lock = lock_registry_dir(registry_path(settings))  # before the engine: a clash fails fast
@@ -108,7 +126,11 @@ async def serve(engine_settings: EngineSettings, settings: ServerSettings) -> No
         server = _DrainingServer(config, state)
         logger.warning("steer-serve ready on http://%s:%d (model %s)", settings.host, settings.port,
                        state.served_model_name)
+        watchdog = asyncio.create_task(_exit_when_the_engine_dies(engine, state, server))
         await server.serve()
+        if watchdog.done() and watchdog.result():
+            raise SystemExit("steer-serve: the engine died; exiting so that a supervisor restarts the server")
+        watchdog.cancel()
     finally:
         engine.shutdown()
         registry_lock.close()
