@@ -173,6 +173,9 @@ def test_413_declared_chunked_and_uploaded(guarded):
     files = {"intervention.json": ("intervention.json", b"{}"),
              "weights.safetensors": ("weights.safetensors", b"\0" * 300_000)}
     assert_error(guarded.post("/v1/interventions", data={"id": "too-big"}, files=files), 413, param="weights")
+    # a multipart content-type lifts the limit only for the registration upload, not on other routes
+    small = {"intervention.json": ("intervention.json", b"{}"), "weights.safetensors": ("w", b"\0" * 100_000)}
+    assert_error(guarded.post("/v1/completions", data={"prompt": "x"}, files=small), 413, "request_too_large")
     assert guarded.get("/health").json() == {"status": "ok"}
     assert_error(guarded.get("/v1/interventions/too-big"), 404)
 

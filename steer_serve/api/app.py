@@ -90,8 +90,10 @@ def create_app(state: AppState, *, on_shutdown=None) -> FastAPI:
     app.include_router(routes_openai.router)
     app.include_router(routes_interventions.router)
 
-    def body_limit(headers) -> int:
-        is_upload = headers.get("content-type", "").startswith("multipart/form-data")
+    def body_limit(scope, headers) -> int:
+        """The upload limit only for a multipart registration; every other body gets the plain limit."""
+        is_upload = (scope["method"] == "POST" and scope["path"] == "/v1/interventions"
+                     and headers.get("content-type", "").startswith("multipart/form-data"))
         return state.max_upload_bytes * 2 + 65536 if is_upload else state.max_body_bytes
 
     app.add_middleware(RequestContext, limit_for=body_limit, on_error=state.metrics.error)

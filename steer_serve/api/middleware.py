@@ -29,7 +29,7 @@ def request_id_from(headers: Headers) -> str:
 class RequestContext:
     """Tags each request with an id (``X-Request-Id`` in and out), limits its body, logs one JSON line.
 
-    ``limit_for(headers)`` gives the byte limit of a request (uploads get a larger one);
+    ``limit_for(scope, headers)`` gives the byte limit of a request (uploads get a larger one);
     ``on_error(status)`` counts rejections this middleware answers itself.
     """
 
@@ -44,7 +44,7 @@ class RequestContext:
         request_id = request_id_from(headers)
         context = scope.setdefault("state", {})
         context["request_id"] = request_id
-        limit = self.limit_for(headers)
+        limit = self.limit_for(scope, headers)
         started = time.perf_counter()
         status = {"code": None}
         received = 0
