@@ -56,6 +56,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-upload-bytes", type=int, default=64 * 1024 * 1024, help="largest uploaded weight file")
     p.add_argument("--max-placements", type=int, default=256, help="most placements (edits) one intervention may have")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--engine-stall-timeout", type=float, default=30.0,
+                   help="/health answers 503 when the engine does not answer a round trip within this many seconds")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser requests from this origin (repeatable; '*' for any); CORS is off without it")
 
@@ -105,7 +107,8 @@ def _serve(args, vllm_flags: list[str]) -> None:
         allow_hub=not args.no_hub, registry_dir=args.registry_dir, max_tokens_limit=args.max_tokens_limit,
         max_concurrent_requests=args.max_concurrent_requests, max_body_bytes=args.max_body_bytes,
         max_upload_bytes=args.max_upload_bytes, max_placements=args.max_placements,
-        cors_origins=args.cors_origin, drain_timeout=args.drain_timeout, vllm_args=vllm_args)
+        cors_origins=args.cors_origin, drain_timeout=args.drain_timeout,
+        engine_stall_timeout=args.engine_stall_timeout, vllm_args=vllm_args)
     asyncio.run(serve(engine_settings, settings))
 
 

@@ -54,7 +54,7 @@ class FakeEngine:
     async def clear_slot(self, slot) -> None:
         self.slots.pop(slot, None)
 
-    async def check_health(self) -> None:
+    async def check_health(self, stall_timeout: float) -> None:
         return None
 
 

@@ -516,18 +516,27 @@ def test_a_second_server_on_one_registry_dir_refuses_to_start(small_server, tmp_
     assert httpx.get(f"{small_server.url}/health", timeout=10).status_code == 200
 
 
-def test_engine_death_takes_the_server_down(tmp_path):
-    """SIGKILL of the engine processes (what an OOM kill does): the server stops taking requests and
-    the process exits non-zero within seconds, so a supervisor restarts it (vLLM's server does the same)."""
+def test_a_frozen_engine_fails_health_and_a_dead_one_takes_the_server_down(tmp_path):
+    """SIGSTOP of the engine processes: ``/health`` turns 503 within ``--engine-stall-timeout`` and back
+    to 200 on SIGCONT. SIGKILL of them (what an OOM kill does): the server stops taking requests and the
+    process exits non-zero within seconds, so a supervisor restarts it (vLLM's server does the same)."""
     from fixtures.tiny_models import build_tiny_model
     from steer_serve.model import prepare_default_model
 
     build_tiny_model("LlamaForCausalLM", tmp_path / "model", prepare_default_model())
-    proc = ServerProcess("--model", str(tmp_path / "model"), "--max-model-len", "512",
+    proc = ServerProcess("--model", str(tmp_path / "model"), "--max-model-len", "512", "--engine-stall-timeout", "2",
                          registry_dir=tmp_path / "registry", log_path=tmp_path / "server.log").start()
     try:
         assert httpx.get(f"{proc.url}/ready", timeout=10).status_code == 200
-        for child in psutil.Process(proc.proc.pid).children(recursive=True):
+        engine = psutil.Process(proc.proc.pid).children(recursive=True)
+        for child in engine:
+            child.suspend()
+        frozen = httpx.get(f"{proc.url}/health", timeout=30)
+        for child in engine:
+            child.resume()
+        assert frozen.status_code == 503 and "not answered" in frozen.json()["error"]["message"], frozen.text
+        assert httpx.get(f"{proc.url}/health", timeout=30).status_code == 200
+        for child in engine:
             child.kill()
         code = proc.proc.wait(60)
         assert code != 0, proc.tail()

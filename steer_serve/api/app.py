@@ -58,6 +58,7 @@ class AppState:
     max_upload_bytes: int = 64 * 1024 * 1024
     max_placements: int = 256
     cors_origins: list[str] = field(default_factory=list)
+    engine_stall_timeout: float = 30.0
     started: int = field(default_factory=lambda: int(time.time()))
     ready: bool = True
     metrics: Metrics = field(default_factory=Metrics)
@@ -107,7 +108,7 @@ def create_app(state: AppState, *, on_shutdown=None) -> FastAPI:
              responses={**docs.ok(docs.Health, {"status": "ok"}), **docs.errors(503)})
     async def health():
         try:
-            await state.engine.check_health()
+            await state.engine.check_health(state.engine_stall_timeout)
         except Exception as exc:
             return error_response(503, f"engine unhealthy: {exc}", code="engine_dead")
         return {"status": "ok"}

@@ -242,5 +242,6 @@ _PING_DOC = {200: {"description": "the engine is alive (empty body)",
 @router.post("/ping", summary="Liveness, as vLLM's POST /ping", response_class=Response, responses=_PING_DOC,
              operation_id="ping_post")
 async def ping(request: Request):
-    await request.app.state.steer.engine.check_health()
+    state = request.app.state.steer
+    await state.engine.check_health(state.engine_stall_timeout)
     return Response(status_code=200)

@@ -36,6 +36,7 @@ class ServerSettings:
     max_placements: int = 256
     cors_origins: list[str] = field(default_factory=list)
     drain_timeout: float = 30.0
+    engine_stall_timeout: float = 30.0
     vllm_args: object = None   # ``vllm serve``'s parsed flags (argparse.Namespace), for vLLM's handlers
 
 
@@ -69,7 +70,8 @@ async def build_state(engine: SteerEngine, settings: ServerSettings) -> AppState
         allow_hub=settings.allow_hub, api_key=settings.api_key, admin_api_key=settings.admin_api_key,
         max_tokens_limit=settings.max_tokens_limit, max_concurrent_requests=settings.max_concurrent_requests,
         max_body_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_upload_bytes,
-        max_placements=settings.max_placements, cors_origins=settings.cors_origins)
+        max_placements=settings.max_placements, cors_origins=settings.cors_origins,
+        engine_stall_timeout=settings.engine_stall_timeout)
 
 
 class _DrainingServer(uvicorn.Server):

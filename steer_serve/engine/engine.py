@@ -1,6 +1,7 @@
 """``SteerEngine``: vLLM's ``AsyncLLM`` (V1 engine) with the steerable model and slot RPCs."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -117,8 +118,14 @@ class SteerEngine:
     async def clear_slot(self, slot: int) -> None:
         await self.llm.collective_rpc("steer_clear_slot", args=(slot,))
 
-    async def check_health(self) -> None:
+    async def check_health(self, stall_timeout: float) -> None:
+        """Raise if the engine is dead, or does not answer a round trip (a utility call, served
+        between steps) within ``stall_timeout`` seconds: a frozen engine process."""
         await self.llm.check_health()
+        try:
+            await asyncio.wait_for(self.llm.is_sleeping(), stall_timeout)
+        except TimeoutError:
+            raise RuntimeError(f"the engine has not answered for {stall_timeout:g} s") from None
 
     def shutdown(self) -> None:
         self.llm.shutdown()
