@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import json
 import logging
@@ -36,8 +37,6 @@ def lock_registry_dir(path: Path):
     """Hold ``path`` for this process (an exclusive ``flock`` on ``path/.lock``, released when the
     process ends, even by SIGKILL): a second server on the same directory would overwrite this one's
     ``registry.json`` and delete its weights. Returns the open lock file, to be kept alive."""
-    import fcntl
-
     path.mkdir(parents=True, exist_ok=True)
     handle = open(path / ".lock", "a+")
     try:

@@ -106,7 +106,7 @@ def _hand_over(body, lease: Lease | None, request: Request) -> None:
         body.vllm_xargs = {**(body.vllm_xargs or {}), **lease.steering.to_extra_args()}
         if getattr(body, "use_beam_search", False):
             _refuse_batched_beam_search(body)
-            vllm.steer_beam_search(lease.steering.to_extra_args())
+            vllm.steer_beam_search(lease.steering)
     if lease.cache_salt:
         body.cache_salt = f"{lease.cache_salt}:{body.cache_salt}" if body.cache_salt else lease.cache_salt
     if lease.lora is not None:

@@ -26,6 +26,7 @@ other releases):
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import functools
 import re
 from argparse import Namespace
@@ -46,7 +47,7 @@ from vllm.entrypoints.serve.tokenize.protocol import (
 
 from steer_serve.api.errors import APIError
 from steer_serve.api.schemas import SteeringFields
-from steer_serve.engine.config import steering_with_prompt_len
+from steer_serve.engine.config import RequestSteering
 from steer_serve.engine.plugin import check_vllm_version
 
 check_vllm_version()
@@ -166,9 +167,9 @@ _BEAM_STEERING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("st
 _BEAM_STEP_ID = re.compile(r"^(?P<parent>.+)-[0-9a-f]+-beam-\d+$")
 
 
-def steer_beam_search(extra_args: dict) -> None:
-    """Let vLLM's beam search, run by the handler of the current request, carry ``extra_args``."""
-    _BEAM_STEERING.set({"extra_args": extra_args, "prompt_lens": {}})
+def steer_beam_search(steering: RequestSteering) -> None:
+    """Let vLLM's beam search, run by the handler of the current request, carry ``steering``."""
+    _BEAM_STEERING.set({"steering": steering, "prompt_lens": {}})
 
 
 def _steer_beam_search(engine_client) -> None:
@@ -187,8 +188,8 @@ def _steer_beam_search(engine_client) -> None:
         if steering is not None and step is not None:
             prompt_len = steering["prompt_lens"].setdefault(step["parent"], len(prompt["prompt_token_ids"]))
             sampling_params = sampling_params.clone()
-            sampling_params.extra_args = {**(sampling_params.extra_args or {}),
-                                          **steering_with_prompt_len(steering["extra_args"], prompt_len)}
+            step_steering = dataclasses.replace(steering["steering"], prompt_len=prompt_len)
+            sampling_params.extra_args = {**(sampling_params.extra_args or {}), **step_steering.to_extra_args()}
         async for output in generate(prompt, sampling_params, request_id, *args, **kwargs):
             yield output
 

@@ -57,10 +57,3 @@ class RequestSteering:
             return None
         return cls(list(data["slots"]), [float(s) for s in data["scales"]], list(data["positions"]),
                    data.get("prompt_len"))
-
-
-def steering_with_prompt_len(extra_args: dict, prompt_len: int) -> dict:
-    """``extra_args`` of a request, with its positions counted from a prompt of ``prompt_len`` tokens."""
-    steering = RequestSteering.from_extra_args(extra_args)
-    steering.prompt_len = prompt_len
-    return steering.to_extra_args()

@@ -17,7 +17,6 @@ sum, bit for bit as Hugging Face's layer output. Block input likewise: the layer
 from __future__ import annotations
 
 import copy
-
 import importlib
 
 import torch
@@ -202,10 +201,10 @@ def _install_steering(model: nn.Module, vllm_config, table: ArchitectureTable) -
     widths, heads = component_geometry(vllm_config.model_config.hf_text_config.to_dict())
     layers = model.get_submodule(table.layers)
     model.steer_layers = []
-    _unshare_site_modules([layer for layer in layers if type(layer).__name__ != "PPMissingLayer"], table)
-    for index, layer in enumerate(layers):
-        if type(layer).__name__ == "PPMissingLayer":       # another pipeline stage's layer
-            continue
+    # this pipeline stage's layers (the others are PPMissingLayer placeholders)
+    own = [(i, layer) for i, layer in enumerate(layers) if type(layer).__name__ != "PPMissingLayer"]
+    _unshare_site_modules([layer for _, layer in own], table)
+    for index, layer in own:
         steering = LayerSteering(layer, index, model.steer_step_state, widths, components)
         _install_layer_hooks(layer, steering, table)
         model.steer_layers.append(steering)
