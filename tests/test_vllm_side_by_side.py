@@ -238,6 +238,16 @@ def test_unknown_fields_are_refused_by_name_not_ignored(server):
         assert name in response.json()["error"]["message"]
 
 
+def test_the_engines_steering_key_cannot_be_sent_in_vllm_xargs(server):
+    """Slots are chosen by the registry under a lease; a client's own ``vllm_xargs.steer`` (vLLM's schema lets
+    a list through) would reach the engine's step hook unchecked."""
+    body = {**COMPLETION, "vllm_xargs": {"steer": [1, 2]}}
+    response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "vllm_xargs", response.text
+    assert httpx.post(f"{server.url}/v1/completions", json={**COMPLETION, "vllm_xargs": {"other": 1}},
+                      timeout=60).status_code == 200
+
+
 def test_prompt_logprobs_carry_the_intervention(server, client, intervention_dir):
     """Scoring through `model: <intervention id>` (lm-eval's form) gives the prompt tokens' logprobs of
     an independent transformers forward with the reference edit hooked at its layer, every position."""

@@ -18,6 +18,7 @@ from steer_serve.api import openapi_docs as docs
 from steer_serve.api import vllm_frontend as vllm
 from steer_serve.api.auth import require_api_key
 from steer_serve.api.errors import APIError
+from steer_serve.engine.config import RequestSteering
 from steer_serve.registry import Lease
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["openai"], responses=docs.errors(401, 500))
@@ -117,6 +118,9 @@ def _hand_over(body, lease: Lease | None, request: Request) -> None:
 
 async def _steered(request: Request, body, kind: str) -> Response:
     state = request.app.state.steer
+    if RequestSteering.EXTRA_ARGS_KEY in (getattr(body, "vllm_xargs", None) or {}):
+        raise APIError(400, f"vllm_xargs.{RequestSteering.EXTRA_ARGS_KEY} is reserved: name interventions with "
+                       + _FIELDS, code="invalid_value", param="vllm_xargs")
     requested = resolve_interventions(body, state)
     _apply_token_limit(body, kind, state.max_tokens_limit)
     labels = [i for i, _, _ in requested] or ["none"]
