@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+import steer_serve.kernels as kernels
 from steer_serve.interventions.base import LowRankEdit
 from steer_serve.kernels import SlotTables, apply_interventions, torch_ops
 
@@ -171,8 +172,8 @@ FORCED = {"torch:bgmv": {"BGMV_MAX_ROWS_X_RANK": 1 << 40}, "torch:ebag": {"BGMV_
 
 def _time_backend(backend, x, slots, coef, tables, device) -> float:
     saved = {name: getattr(torch_ops, name) for name in FORCED["torch:bgmv"]}
-    env_before = os.environ.get("STEER_SERVE_KERNEL")
-    os.environ["STEER_SERVE_KERNEL"] = backend.split(":")[0]
+    backend_before = kernels.FORCED_BACKEND
+    kernels.FORCED_BACKEND = backend.split(":")[0]
     for name, value in FORCED.get(backend, {}).items():
         setattr(torch_ops, name, value)
     try:
@@ -180,10 +181,7 @@ def _time_backend(backend, x, slots, coef, tables, device) -> float:
     finally:
         for name, value in saved.items():
             setattr(torch_ops, name, value)
-        if env_before is None:
-            os.environ.pop("STEER_SERVE_KERNEL")
-        else:
-            os.environ["STEER_SERVE_KERNEL"] = env_before
+        kernels.FORCED_BACKEND = backend_before
 
 
 def table(result: dict) -> str:

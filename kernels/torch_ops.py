@@ -1,10 +1,12 @@
 """Vectorised torch path of :func:`steer_serve.kernels.apply_interventions` (what the CPU engine runs).
 
-Only *active* rows (slot != 0, coef != 0, and the slot holds an edit in this table) are computed;
-the others are copied, so they stay bit-exact. Control flow (which rows, which strategy, which
-activations, whether ``z`` is needed) is decided on the host with numpy from the slot index and the
-table's host summary; on an accelerator that costs a sync, which is why CUDA uses Triton instead.
-No Python loop runs over tokens or over slots.
+Columns are applied in order, each to the previous one's result; a column that changes no row
+costs no copy. Only *active* rows (slot != 0, coef != 0, and the slot holds an edit in this
+table) are computed; the others are copied, so they stay bit-exact. Control flow (which rows,
+which strategy, which activations, whether ``z`` is needed) is decided on the host with numpy
+from the step's :class:`~.step_plan.StepPlan` (built once per step, shared by every layer) and
+the table's host summary; without the engine's plan, reading the slots on an accelerator costs a
+sync, which is why CUDA uses Triton instead. No Python loop runs over tokens or over slots.
 
 Strategies, chosen from measurements on the 2-core CPU machine (one torch thread, d=576, fp32;
 ``benchmarks/kernel_bench.py``, forced variants with ``--strategies``):
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .slot_tables import SlotTables
+from .step_plan import ColumnPlan, StepPlan
 
 #: gather + bmm while (rows x table rank) is at most this; embedding_bag above (module docstring).
 BGMV_MAX_ROWS_X_RANK = 256
@@ -39,25 +42,40 @@ _ACT_FNS = (None, torch.relu, F.gelu, torch.tanh, torch.sigmoid, F.silu)
 
 
 def apply_torch(x: torch.Tensor, slots: torch.Tensor, coef: torch.Tensor, tables: SlotTables,
-                out_base: torch.Tensor | None = None) -> torch.Tensor:
+                out_base: torch.Tensor | None = None, plan: StepPlan | None = None) -> torch.Tensor:
+    """Apply the columns of ``slots``/``coef`` (``[columns, T]``; ``plan``, when given, is their host
+    analysis) one after another, each to the previous column's result."""
+    plan = plan or StepPlan.of(slots, coef)
     base = x if out_base is None else out_base
-    slots_np, coef_np = slots.numpy(force=True), coef.numpy(force=True)
-    T = len(slots_np)
-    if T and (T == 1 or (slots_np == slots_np[0]).all() and (coef_np == coef_np[0]).all()):
-        slot, c = int(slots_np[0]), float(coef_np[0])           # one slot, one coef: scalar checks only
-        if c == 0 or not tables.used[slot]:
-            return base.clone(memory_format=torch.contiguous_format)
-        out = _one_slot(base, x.float(), slot, c, tables)
+    out = None
+    for column in plan.columns:
+        edited = _apply_column(x, base, column, tables)
+        if edited is not None:
+            out = base = edited
+        x = base
+    return base.clone(memory_format=torch.contiguous_format) if out is None else out
+
+
+def _apply_column(x: torch.Tensor, base: torch.Tensor, column: ColumnPlan, t: SlotTables) -> torch.Tensor | None:
+    """``base + coef[:, None] * delta(x)`` of one column as a new tensor, or None where no row changes."""
+    if column.uniform:                                           # one slot, one coef: scalar checks only
+        slot, c = int(column.slots_np[0]), float(column.coef_np[0])
+        if c == 0 or not t.used[slot]:
+            return None
+        out = _one_slot(base, x.float(), slot, c, t)
         return out if out.dtype == base.dtype else out.to(base.dtype)
-    rows = np.flatnonzero((coef_np != 0) & tables.used[slots_np])
+    rows = column.rows
+    used = t.used[column.slots_np[rows]]
+    if not used.all():
+        rows = rows[used]
     if rows.size == 0:
-        return base.clone(memory_format=torch.contiguous_format)
-    if rows.size == T:
-        delta = _delta(x.float(), slots_np, slots, tables)
-        return torch.addcmul(base.float(), coef.float()[:, None], delta).to(base.dtype)
-    rows_t = torch.from_numpy(rows).to(x.device)
-    delta = _delta(x.index_select(0, rows_t).float(), slots_np[rows], slots.index_select(0, rows_t), tables)
-    new = torch.addcmul(base.index_select(0, rows_t).float(), coef.index_select(0, rows_t).float()[:, None], delta)
+        return None
+    if rows.size == len(column.slots_np):
+        delta = _delta(x.float(), column.slots_np, column.slots, t)
+        return torch.addcmul(base.float(), column.coef.float()[:, None], delta).to(base.dtype)
+    rows_t, slots_np, slots, coef = column.gathered if rows is column.rows else column.select(rows)
+    delta = _delta(x.index_select(0, rows_t).float(), slots_np, slots, t)
+    new = torch.addcmul(base.index_select(0, rows_t).float(), coef.float()[:, None], delta)
     out = base.clone(memory_format=torch.contiguous_format)
     return out.index_copy_(0, rows_t, new.to(base.dtype))
 

@@ -1,4 +1,11 @@
-"""Triton kernel of :func:`steer_serve.kernels.apply_interventions`: one launch per call.
+"""Triton kernel of :func:`steer_serve.kernels.apply_interventions`: one launch per column.
+
+Column 0 writes ``out`` from the base; every further column edits ``out`` in place (rows are
+disjoint between programs and each program reads a row before it writes it). A tile whose rows
+all have slot 0 or coef 0 in a column exits before any weight is read: in column 0 one program
+copies the tile's base rows, in later columns nothing runs at all. Under CUDA graphs
+(``always_active``) every column is launched every step, so an all-zero step then costs one copy
+of ``x`` plus near-empty launches.
 
 Tiling: tiles of ``BLOCK_M = 16`` *consecutive* tokens, and one program per distinct slot inside
 a tile (grid ``(cdiv(T, 16), 16)``; programs whose tile has fewer distinct slots exit at once).
@@ -57,12 +64,26 @@ def _act(a, code):
 def _apply(x_ptr, base_ptr, out_ptr, slots_ptr, coef_ptr, wp_ptr, uv_ptr, z_ptr, act_ptr,
            T, D, R, sxm, sxd, sbm, sbd,
            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
-           PRECISION: tl.constexpr):
+           PRECISION: tl.constexpr, IN_PLACE: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     in_t = offs_m < T
     tile = tl.load(slots_ptr + offs_m, mask=in_t, other=-1).to(tl.int64)
+    rm = offs_m.to(tl.int64)
+    b_rows = base_ptr + rm[:, None] * sbm
+    o_rows = out_ptr + rm[:, None] * D
+
+    # Early exit: no row of the tile is edited in this column.
+    tile_coef = tl.load(coef_ptr + offs_m, mask=in_t, other=0.0)
+    if tl.sum((in_t & (tile > 0) & (tile_coef != 0.0)).to(tl.int32), axis=0) == 0:
+        if not IN_PLACE:
+            if pid_g == 0:
+                for k in range(0, D, BLOCK_D):
+                    offs_d = k + tl.arange(0, BLOCK_D)
+                    m = in_t[:, None] & (offs_d < D)[None, :]
+                    tl.store(o_rows + offs_d[None, :], tl.load(b_rows + offs_d[None, :] * sbd, mask=m), mask=m)
+        return
 
     # The pid_g-th distinct slot of the tile, by first occurrence.
     idx = tl.arange(0, BLOCK_M)
@@ -76,17 +97,19 @@ def _apply(x_ptr, base_ptr, out_ptr, slots_ptr, coef_ptr, wp_ptr, uv_ptr, z_ptr,
     rows = (tile == slot) & in_t
     coef = tl.load(coef_ptr + offs_m, mask=rows, other=0.0).to(tl.float32)
     live = rows & (coef != 0.0)
+    if IN_PLACE:
+        if tl.sum(live.to(tl.int32), axis=0) == 0:
+            return
 
-    rm = offs_m.to(tl.int64)
     x_rows = x_ptr + rm[:, None] * sxm
-    b_rows = base_ptr + rm[:, None] * sbm
-    o_rows = out_ptr + rm[:, None] * D
     offs_r = tl.arange(0, R_PAD)
     in_r = offs_r < R
     wp = wp_ptr + slot * (D + 1) * 2 * R
     uv = uv_ptr + slot * (R + 1) * D
 
     if slot == 0:
+        if IN_PLACE:
+            return
         for k in range(0, D, BLOCK_D):
             offs_d = k + tl.arange(0, BLOCK_D)
             m = rows[:, None] & (offs_d < D)[None, :]
@@ -130,6 +153,7 @@ def _apply(x_ptr, base_ptr, out_ptr, slots_ptr, coef_ptr, wp_ptr, uv_ptr, z_ptr,
 
 def apply_triton(x: torch.Tensor, slots: torch.Tensor, coef: torch.Tensor, tables: SlotTables,
                  out_base: torch.Tensor | None = None) -> torch.Tensor:
+    """``slots``/``coef``: ``[columns, T]``, applied in column order (one launch each)."""
     base = x if out_base is None else out_base
     T, D = x.shape
     R = tables.max_rank
@@ -140,10 +164,15 @@ def apply_triton(x: torch.Tensor, slots: torch.Tensor, coef: torch.Tensor, table
         return out
     r_pad = max(16, triton.next_power_of_2(R))
     grid = (triton.cdiv(T, BLOCK_M), BLOCK_M)
-    _apply[grid](
-        x, base, out, slots.contiguous(), coef.contiguous(), tables.wp, tables.uv, tables.z, tables.act,
-        T, D, R, x.stride(0), x.stride(1), base.stride(0), base.stride(1),
-        BLOCK_M=BLOCK_M, BLOCK_D=128 if r_pad <= 32 else 64, R_PAD=r_pad,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-    )
+    for column in range(slots.shape[0]):
+        src, src_base = (x, base) if column == 0 else (out, out)
+        _apply[grid](
+            src, src_base, out, slots[column].contiguous(), coef[column].contiguous(),
+            tables.wp, tables.uv, tables.z, tables.act,
+            T, D, R, src.stride(0), src.stride(1), src_base.stride(0), src_base.stride(1),
+            BLOCK_M=BLOCK_M, BLOCK_D=128 if r_pad <= 32 else 64, R_PAD=r_pad,
+            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", IN_PLACE=column > 0,
+        )
+    if slots.shape[0] == 0:
+        out.copy_(base)
     return out

@@ -17,7 +17,8 @@ import torch
 from fixture_cases import cases
 from steer_serve.interventions import apply_edit_lowrank, get_family
 from steer_serve.interventions.base import LowRankEdit
-from steer_serve.kernels import ACT_CODES, SlotTables, apply_interventions, register_slot_tables
+import steer_serve.kernels as kernels
+from steer_serve.kernels import ACT_CODES, SlotTables, StepPlan, apply_interventions, register_slot_tables
 from steer_serve.kernels import torch_ops
 
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -39,7 +40,7 @@ def backend(request, monkeypatch):
     """Selects the implementation through the dispatcher; yields the device to run on."""
     if request.param == "triton" and not HAS_CUDA and not IN_INTERPRETER:
         pytest.skip("Triton without CUDA runs in test_triton_under_interpreter")
-    monkeypatch.setenv("STEER_SERVE_KERNEL", request.param)
+    monkeypatch.setattr(kernels, "FORCED_BACKEND", request.param)
     return "cuda" if HAS_CUDA else "cpu"
 
 
@@ -220,13 +221,66 @@ def test_large_rank_odd_hidden(backend):
     assert_close(out, reference(x.cpu(), slots.cpu(), coef.cpu(), edits))
 
 
+def column_batch(T, columns, device, seed=11):
+    """``[columns, T]`` slots/coefs laid out like the engine's: contiguous runs, masked rows, an
+    all-zero column and a column of one slot and one coef (the torch path's uniform case)."""
+    g = torch.Generator().manual_seed(seed)
+    slots = torch.randint(0, S, (columns, T), generator=g)
+    slots[:, T // 3: 2 * T // 3] = torch.randint(1, S, (columns, 1), generator=g)
+    coef = torch.rand(columns, T, generator=g) + 0.25
+    coef[:, ::4] = 0.0
+    if columns > 1:
+        slots[1], coef[1] = 0, 0.0
+    if columns > 2:
+        slots[2], coef[2] = 5, 0.8
+    return slots.to(device), coef.to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,columns", [(1, 1), (1, 3), (23, 2), (37, 4)])
+def test_columns_in_one_call_equal_sequential_calls(backend, dtype, T, columns):
+    """One call with ``[columns, T]`` equals one call per column, each on the previous result, bit
+    for bit (the torch path with and without the engine's plan); fp32 also matches the reference
+    chained column by column (16-bit roundings compound over columns, so only fp32 is compared)."""
+    edits = make_edits()
+    tables = make_tables(edits, device=backend)
+    x = batch(T, backend, dtype)[0]
+    hidden = batch(T, backend, dtype, seed=5)[0]
+    slots, coef = column_batch(T, columns, backend)
+    for out_base in (None, hidden):
+        want = apply_interventions(x, slots[0], coef[0], tables, out_base=out_base)
+        for m in range(1, columns):
+            want = apply_interventions(want, slots[m], coef[m], tables)
+        got = apply_interventions(x, slots, coef, tables, out_base=out_base)
+        planned = apply_interventions(x, slots, coef, tables, out_base=out_base, plan=StepPlan.of(slots, coef))
+        assert torch.equal(got, want) and torch.equal(planned, want)
+        if dtype == torch.float32:
+            ref = reference(x.cpu(), slots[0].cpu(), coef[0].cpu(), edits,
+                            out_base=None if out_base is None else hidden.cpu())
+            for m in range(1, columns):
+                ref = reference(ref, slots[m].cpu(), coef[m].cpu(), edits)
+            assert_close(got, ref)
+        untouched = ((slots == 0) | (coef == 0)).all(0).cpu()
+        assert_rows_bit_exact(got.cpu(), (x if out_base is None else hidden).cpu(), untouched)
+        assert got.data_ptr() not in (x.data_ptr(), hidden.data_ptr())
+
+
+def test_all_zero_columns_copy_the_base(backend):
+    """A step whose every column is all-zero (``always_active`` with nothing scheduled) returns a copy."""
+    x, _, _ = batch(19, backend)
+    slots = torch.zeros(4, 19, dtype=torch.int64, device=backend)
+    out = apply_interventions(x, slots, torch.zeros(4, 19, device=backend), make_tables(make_edits(), device=backend))
+    assert out.data_ptr() != x.data_ptr()
+    assert_rows_bit_exact(out.cpu(), x.cpu(), slice(None))
+
+
 @pytest.mark.parametrize("bgmv_limit", [10 ** 6, 0], ids=["gather-bmm", "embedding-bag"])
 def test_torch_strategies(monkeypatch, bgmv_limit):
     """Each strategy of the torch path (normally chosen by size) matches the reference."""
     edits = make_edits()
     x, slots, coef = batch(37, "cpu")
     monkeypatch.setattr(torch_ops, "BGMV_MAX_ROWS_X_RANK", bgmv_limit)
-    assert_close(torch_ops.apply_torch(x, slots, coef, make_tables(edits)), reference(x, slots, coef, edits))
+    assert_close(torch_ops.apply_torch(x, slots[None], coef[None], make_tables(edits)), reference(x, slots, coef, edits))
 
 
 @pytest.mark.skipif(IN_INTERPRETER or HAS_CUDA, reason="this process already runs the Triton cases")

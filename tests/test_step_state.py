@@ -1,11 +1,14 @@
-"""The per-step token → (slot, coef) fill, without vLLM: chunking, phases, columns, stale tails."""
+"""The per-step token → (slot, coef) fill, without vLLM: chunking, phases, columns, stale tails, and the
+vectorised fill against a per-request reference over random batches."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from steer_serve.engine.config import RequestSteering, SteerConfig
 from steer_serve.engine.step_state import StepState
+from steer_serve.interventions.positions import NO_POSITIONS, parse_positions, position_spans
 
 
 def make_state(max_tokens: int = 32, columns: int = 2) -> StepState:
@@ -58,3 +61,98 @@ def test_stale_tail_of_a_longer_previous_step_is_cleared():
     state.prepare(["b"], np.array([3]), np.array([0]), np.array([3]), args_for(extra))
     assert state.num_columns == 0
     assert state.slots.abs().sum() == 0 and state.coef.abs().sum() == 0
+
+
+def reference_fill(steering: dict, req_ids, num_scheduled, num_computed, num_prompt, max_columns, max_tokens):
+    """The spec: request by request, column by column, ``Positions.mask`` over the chunk's positions."""
+    slots = np.zeros((max_columns, max_tokens), dtype=np.int64)
+    coef = np.zeros((max_columns, max_tokens), dtype=np.float32)
+    columns, present, offset = 0, set(), 0
+    for req_id, n, computed, prompt in zip(req_ids, num_scheduled, num_computed, num_prompt):
+        request = steering[req_id]
+        if request is not None:
+            prompt = prompt if request.prompt_len is None else request.prompt_len
+            positions = np.arange(computed, computed + n)
+            for m, (slot, scale, spec) in enumerate(zip(request.slots, request.scales, request.positions)):
+                mask = parse_positions(spec).mask(positions, prompt)
+                if mask.any():
+                    slots[m, offset:offset + n] = np.where(mask, slot, 0)
+                    coef[m, offset:offset + n] = np.where(mask, scale, 0.0)
+                    columns, present = max(columns, m + 1), present | {slot}
+        offset += n
+    return slots, coef, columns, present
+
+
+def random_spec(rng) -> str:
+    kind = rng.choice(["f", "l", "f+l", "prompt", "generated", "all"])
+    if kind in ("prompt", "generated", "all"):
+        return kind
+    first, last = rng.integers(1, 9, size=2)
+    return {"f": f"f{first}", "l": f"l{last}", "f+l": f"f{first}+l{last}"}[kind]
+
+
+def random_request(rng, max_columns: int, num_slots: int) -> RequestSteering | None:
+    if rng.random() < 0.2:
+        return None
+    n = int(rng.integers(1, max_columns + 1))
+    return RequestSteering([int(s) for s in rng.integers(1, num_slots + 1, size=n)],
+                           [float(rng.choice([0.0, 0.5, 1.0, -2.0, 3.25])) for _ in range(n)],
+                           [random_spec(rng) for _ in range(n)],
+                           int(rng.integers(0, 20)) if rng.random() < 0.25 else None)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_vectorised_fill_matches_per_request_reference(seed):
+    """Random batches over many steps: requests arrive, prefill in random chunks, decode and leave;
+    up to 5 columns of every kind, prompt-length overrides, requests without steering."""
+    rng = np.random.default_rng(seed)
+    max_columns, max_tokens, num_slots = 5, 256, 12
+    config = SteerConfig(num_slots=num_slots, max_rank=2, max_columns=max_columns)
+    state = StepState(config, torch.zeros(max_columns, max_tokens, dtype=torch.int64),
+                      torch.zeros(max_columns, max_tokens, dtype=torch.float32))
+    for slot in range(1, num_slots + 1):
+        state.set_slot_sites(slot, [(slot % 4, "block_output")] + [(9, "mlp_output")] * (slot % 2))
+    steering, prompt_of, computed_of, live, next_id = {}, {}, {}, [], 0
+    for _ in range(60):
+        for _ in range(int(rng.integers(0, 4))):               # arrivals
+            req_id = f"r{next_id}"
+            next_id += 1
+            steering[req_id] = random_request(rng, max_columns, num_slots)
+            prompt_of[req_id], computed_of[req_id] = int(rng.integers(1, 40)), 0
+            live.append(req_id)
+        live = [r for r in live if rng.random() > 0.1]          # departures
+        rng.shuffle(live)
+        batch, budget = [], max_tokens
+        for req_id in live:
+            remaining = prompt_of[req_id] - computed_of[req_id]
+            n = int(rng.integers(1, remaining + 1)) if remaining > 0 else 1
+            if n > budget:
+                break
+            batch.append((req_id, n))
+            budget -= n
+        req_ids = [r for r, _ in batch]
+        num_scheduled = np.array([n for _, n in batch], dtype=np.int32)
+        num_computed = np.array([computed_of[r] for r in req_ids], dtype=np.int32)
+        num_prompt = np.array([prompt_of[r] for r in req_ids], dtype=np.int32)
+        state.prepare(req_ids, num_scheduled, num_computed, num_prompt, args_for(
+            {r: None if s is None else s.to_extra_args() for r, s in steering.items()}), live_req_ids=set(live))
+        slots, coef, columns, present = reference_fill(steering, req_ids, num_scheduled, num_computed, num_prompt,
+                                                       max_columns, max_tokens)
+        assert np.array_equal(state.slots.numpy(), slots) and np.array_equal(state.coef.numpy(), coef)
+        assert state.num_columns == columns
+        assert state.active_sites == set().union(*(state.slot_sites[s] for s in present))
+        for req_id, n in batch:
+            computed_of[req_id] += n
+
+
+def test_position_spans_are_the_masks():
+    """``position_spans`` of every kind, on every short prompt, is ``Positions.mask``."""
+    specs = [parse_positions(s) for s in ("all", "prompt", "generated", "f1", "l2", "f3+l1", "f2+l5", "l9")]
+    positions = np.arange(30)
+    for spec in specs:
+        for prompt in range(12):
+            lo1, hi1, lo2, hi2 = position_spans(np.array(spec.code), spec.first, spec.last, prompt)
+            assert lo1 <= hi1 <= lo2 <= hi2
+            spans = ((positions >= lo1) & (positions < hi1)) | ((positions >= lo2) & (positions < hi2))
+            assert np.array_equal(spans, spec.mask(positions, prompt)), (spec, prompt)
+    assert [int(b) for b in position_spans(np.array(NO_POSITIONS), 0, 0, 7)] == [0, 0, 0, 0]

@@ -4,8 +4,9 @@ Nothing of vLLM is copied or subclassed per layer. For an architecture with a ta
 :mod:`.architectures`, ``Steer<Arch>`` (built on demand by this module's ``__getattr__``, which is
 what vLLM's registry imports) runs the stock ``__init__`` and then, on every decoder layer,
 registers fixed-size slot tables per hooked component (``register_buffer``, so they exist before any
-graph is captured) and a forward (pre-)hook at the module the table names. A hook calls one
-batched kernel per intervention column on the tokens of the step, and only when an intervention
+graph is captured) and a forward (pre-)hook at the module the table names. A hook makes one
+batched kernel call for all intervention columns on the tokens of the step, with the step's
+host-side analysis (:meth:`StepState.plan`, built once per step), and only when an intervention
 of this step touches that site.
 
 Block output under vLLM's fused residual: a Llama-style layer returns ``(hidden, residual)`` and
@@ -39,16 +40,18 @@ class LayerSteering:
         self.step_state = step_state
         config = step_state.config
         self.components = components
-        self._tables = {component: register_slot_tables(layer, f"steer_{component}", config.num_slots + 1,
+        self._prefixes = {component: f"steer_{component}" for component in components}
+        self._wp_names = {component: f"{prefix}_wp" for component, prefix in self._prefixes.items()}
+        self._tables = {component: register_slot_tables(layer, prefix, config.num_slots + 1,
                                                         config.max_rank, widths[component],
                                                         device=torch.get_default_device())
-                        for component in self.components}
+                        for component, prefix in self._prefixes.items()}
 
     def slot_tables(self, component: str) -> SlotTables:
         """The tables of one component (re-viewed if the layer's buffers were moved)."""
         tables = self._tables[component]
-        if tables.wp is not getattr(self.layer, f"steer_{component}_wp"):
-            tables = self._tables[component] = SlotTables.from_buffers(self.layer, f"steer_{component}")
+        if tables.wp is not getattr(self.layer, self._wp_names[component]):
+            tables = self._tables[component] = SlotTables.from_buffers(self.layer, self._prefixes[component])
         return tables
 
     def hooked(self, component: str) -> bool:
@@ -56,13 +59,9 @@ class LayerSteering:
         return self.step_state.is_active(self.layer_idx, component)
 
     def steer(self, component: str, x: torch.Tensor) -> torch.Tensor:
-        """Apply this step's interventions at ``component`` to ``x`` (one kernel call per column)."""
-        state = self.step_state
-        tables = self.slot_tables(component)
-        num_tokens = x.shape[0]
-        for column in range(state.columns()):
-            x = apply_interventions(x, state.slots[column, :num_tokens], state.coef[column, :num_tokens], tables)
-        return x
+        """Apply this step's interventions at ``component`` to ``x`` (one kernel call, all columns)."""
+        plan = self.step_state.plan(x.shape[0])
+        return apply_interventions(x, plan.slots, plan.coef, self.slot_tables(component), plan=plan)
 
 
 def _edit_output(steering: LayerSteering, component: str, output):

@@ -6,6 +6,13 @@ Once per engine step the runner hook calls :meth:`StepState.prepare` with the sc
 the request's positions exclude the token). Masked tokens get slot 0, which is all zeros, so they
 are untouched bit for bit. Positions are absolute (``num_computed + i``), so chunked prefill,
 prefix-cache hits and preemption/recompute all hit exactly the same tokens.
+
+The fill is array code over the whole batch. A request's steering is parsed once, into a row of
+a request table (slot, scale, kind code, first, last per column, padded to ``max_columns``, and
+its prompt-length override). Per step, :func:`position_spans` turns every (request, column) into
+two spans of positions, which, clipped to the request's scheduled chunk, cut its tokens into five
+runs (off, on, off, on, off); one ``np.repeat`` of the run values by the run lengths writes all
+columns. The host buffers are pinned on CUDA and copied with ``non_blocking=True``.
 """
 from __future__ import annotations
 
@@ -15,9 +22,53 @@ import numpy as np
 import torch
 
 from steer_serve.engine.config import RequestSteering, SteerConfig
-from steer_serve.interventions.positions import Positions, parse_positions
+from steer_serve.interventions.positions import NO_POSITIONS, parse_positions, position_spans
+from steer_serve.kernels import StepPlan
 
 Site = tuple[int, str]  # (layer index, component)
+
+
+class _RequestTable:
+    """Parsed steering of the known requests, one row each, columns padded (row 0: no steering)."""
+
+    def __init__(self, columns: int, capacity: int = 64):
+        self.slot = np.zeros((capacity, columns), dtype=np.int64)
+        self.scale = np.zeros((capacity, columns), dtype=np.float32)
+        self.kind = np.full((capacity, columns), NO_POSITIONS, dtype=np.int64)
+        self.first = np.zeros((capacity, columns), dtype=np.int64)
+        self.last = np.zeros((capacity, columns), dtype=np.int64)
+        self.prompt_len = np.full(capacity, -1, dtype=np.int64)   # -1: the engine's prompt length
+        self._free = list(range(capacity - 1, 0, -1))
+
+    def add(self, steering: RequestSteering) -> int:
+        """Store ``steering`` in a free row and return the row."""
+        columns = self.slot.shape[1]
+        if len(steering.slots) > columns:
+            raise ValueError(f"request has {len(steering.slots)} columns, the engine holds {columns}")
+        if not self._free:
+            self._grow()
+        row = self._free.pop()
+        specs = [parse_positions(p) for p in steering.positions]
+        n = len(specs)
+        self.slot[row], self.scale[row], self.kind[row] = 0, 0.0, NO_POSITIONS
+        self.slot[row, :n], self.scale[row, :n] = steering.slots, steering.scales
+        self.kind[row, :n] = [s.code for s in specs]
+        self.first[row, :n] = [s.first for s in specs]
+        self.last[row, :n] = [s.last for s in specs]
+        self.prompt_len[row] = -1 if steering.prompt_len is None else steering.prompt_len
+        return row
+
+    def release(self, row: int) -> None:
+        self._free.append(row)
+
+    def _grow(self) -> None:
+        capacity = len(self.prompt_len)
+        for name in ("slot", "scale", "kind", "first", "last", "prompt_len"):
+            old = getattr(self, name)
+            new = np.empty((2 * capacity, *old.shape[1:]), dtype=old.dtype)
+            new[:capacity] = old
+            setattr(self, name, new)
+        self._free = list(range(2 * capacity - 1, capacity - 1, -1))
 
 
 class StepState:
@@ -30,17 +81,29 @@ class StepState:
         self.num_columns = 0        # columns in use this step (host int: no device sync)
         self.active_sites: set[Site] = set()
         self.slot_sites: dict[int, frozenset[Site]] = {}
-        #: request id -> (columns, prompt length its positions count from, or None: the engine's)
-        self._requests: dict[str, tuple[list[tuple[int, float, Positions]], int | None] | None] = {}
+        self._rows: dict[str, int] = {}   # request id -> its row of the request table (0: no steering)
+        self._table = _RequestTable(config.max_columns)
         self._filled_tokens = 0
-        self._slots_np = np.zeros(tuple(slots.shape), dtype=np.int64)
-        self._coef_np = np.zeros(tuple(coef.shape), dtype=np.float32)
+        self._plan: StepPlan | None = None
+        pinned = slots.is_cuda
+        self._slots_host = torch.zeros(tuple(slots.shape), dtype=torch.int64, pin_memory=pinned)
+        self._coef_host = torch.zeros(tuple(coef.shape), dtype=torch.float32, pin_memory=pinned)
+        self._slots_np, self._coef_np = self._slots_host.numpy(), self._coef_host.numpy()
+        self._copied = torch.cuda.Event() if pinned else None   # the last copy out of the host buffers
 
     def is_active(self, layer: int, component: str) -> bool:
         return self.config.always_active or (layer, component) in self.active_sites
 
     def columns(self) -> int:
         return self.config.max_columns if self.config.always_active else self.num_columns
+
+    def plan(self, num_tokens: int) -> StepPlan:
+        """The columns of this step over its first ``num_tokens`` tokens, analysed once per step."""
+        if self._plan is None or self._plan.slots.shape[1] != num_tokens:
+            m = self.columns()
+            self._plan = StepPlan(self.slots[:m, :num_tokens], self.coef[:m, :num_tokens],
+                                  self._slots_np[:m, :num_tokens], self._coef_np[:m, :num_tokens])
+        return self._plan
 
     def set_slot_sites(self, slot: int, sites: Sequence[Site]) -> None:
         """Record which (layer, component) sites a slot's intervention touches."""
@@ -49,20 +112,24 @@ class StepState:
         else:
             self.slot_sites.pop(slot, None)
 
-    def _steering_of(self, req_id: str, extra_args_of: Callable[[str], dict | None]):
-        if req_id not in self._requests:
-            steering = RequestSteering.from_extra_args(extra_args_of(req_id))
-            self._requests[req_id] = None if steering is None else ([
-                (slot, scale, parse_positions(pos))
-                for slot, scale, pos in zip(steering.slots, steering.scales, steering.positions)],
-                steering.prompt_len)
-        return self._requests[req_id]
+    def _table_rows(self, req_ids: Sequence[str], extra_args_of: Callable[[str], dict | None]) -> np.ndarray:
+        """The request-table row of each request; steering of a request seen first is parsed here."""
+        try:
+            return np.fromiter(map(self._rows.__getitem__, req_ids), dtype=np.intp, count=len(req_ids))
+        except KeyError:
+            for req_id in req_ids:
+                if req_id not in self._rows:
+                    steering = RequestSteering.from_extra_args(extra_args_of(req_id))
+                    self._rows[req_id] = 0 if steering is None else self._table.add(steering)
+            return np.fromiter(map(self._rows.__getitem__, req_ids), dtype=np.intp, count=len(req_ids))
 
     def _forget_finished(self, live_req_ids: Collection[str]) -> None:
         """Drop the cached steering of requests the runner no longer holds (amortised: rarely runs)."""
-        if len(self._requests) > 2 * len(live_req_ids) + 64:
-            for req_id in [r for r in self._requests if r not in live_req_ids]:
-                del self._requests[req_id]
+        if len(self._rows) > 2 * len(live_req_ids) + 64:
+            for req_id in [r for r in self._rows if r not in live_req_ids]:
+                row = self._rows.pop(req_id)
+                if row:
+                    self._table.release(row)
 
     def prepare(self, req_ids: Sequence[str], num_scheduled: np.ndarray, num_computed: np.ndarray,
                 num_prompt: np.ndarray, extra_args_of: Callable[[str], dict | None],
@@ -70,34 +137,51 @@ class StepState:
         """Fill the buffers for one step. Arrays are per request, in flattened-token order;
         ``live_req_ids`` are all requests the runner still holds (to forget finished ones)."""
         self._forget_finished(live_req_ids)
+        self._plan = None
+        num_scheduled = np.asarray(num_scheduled[:len(req_ids)], dtype=np.int64)
         total = int(num_scheduled.sum())
         max_tokens = self.slots.shape[1]
         if total > max_tokens:
             raise RuntimeError(f"step has {total} tokens but steer buffers hold {max_tokens}")
         width = max(total, self._filled_tokens)
+        if self._copied is not None:
+            self._copied.synchronize()          # the previous step's copy has left the host buffers
         slots_np, coef_np = self._slots_np, self._coef_np
         slots_np[:, :width] = 0
         coef_np[:, :width] = 0.0
-        columns, present = 0, set()
-        offset = 0
-        for i, req_id in enumerate(req_ids):
-            n = int(num_scheduled[i])
-            steering = self._steering_of(req_id, extra_args_of)
-            if steering:
-                columns_of_request, prompt_len = steering
-                prompt_len = int(num_prompt[i]) if prompt_len is None else prompt_len
-                positions = np.arange(num_computed[i], num_computed[i] + n)
-                for m, (slot, scale, spec) in enumerate(columns_of_request):
-                    mask = spec.mask(positions, prompt_len)
-                    if mask.any():
-                        slots_np[m, offset:offset + n] = np.where(mask, slot, 0)
-                        coef_np[m, offset:offset + n] = np.where(mask, scale, 0.0)
-                        columns = max(columns, m + 1)
-                        present.add(slot)
-            offset += n
+        columns, present = self._fill(self._table_rows(req_ids, extra_args_of), num_scheduled,
+                                      np.asarray(num_computed[:len(req_ids)], dtype=np.int64),
+                                      np.asarray(num_prompt[:len(req_ids)], dtype=np.int64), total)
         self.num_columns = columns
         self.active_sites = set().union(*(self.slot_sites.get(s, ()) for s in present))
         if columns or self._filled_tokens or self.config.always_active:
-            self.slots[:, :width].copy_(torch.from_numpy(slots_np[:, :width]))
-            self.coef[:, :width].copy_(torch.from_numpy(coef_np[:, :width]))
+            cuda = self._copied is not None
+            self.slots[:, :width].copy_(self._slots_host[:, :width], non_blocking=cuda)
+            self.coef[:, :width].copy_(self._coef_host[:, :width], non_blocking=cuda)
+            if cuda:
+                self._copied.record()
             self._filled_tokens = total if columns else 0
+
+    def _fill(self, rows: np.ndarray, n: np.ndarray, computed: np.ndarray, num_prompt: np.ndarray,
+              total: int) -> tuple[int, list[int]]:
+        """Write the host buffers' first ``total`` tokens; returns (columns in use, slots present)."""
+        if not rows.any():
+            return 0, []
+        t = self._table
+        kind, slot, scale = t.kind[rows].T, t.slot[rows].T, t.scale[rows].T              # [columns, requests]
+        prompt = np.where(t.prompt_len[rows] >= 0, t.prompt_len[rows], num_prompt)
+        spans = position_spans(kind, t.first[rows].T, t.last[rows].T, prompt)
+        # the spans in each request's scheduled chunk, as offsets 0..n: a1 <= b1 <= a2 <= b2
+        a1, b1, a2, b2 = (np.clip(bound - computed, 0, n) for bound in spans)
+        hit = (b1 > a1) | (b2 > a2)
+        in_use = np.flatnonzero(hit.any(axis=1))
+        if in_use.size == 0:
+            return 0, []
+        m = int(in_use[-1]) + 1
+        runs = np.stack([a1[:m], b1[:m] - a1[:m], a2[:m] - b1[:m], b2[:m] - a2[:m], n - b2[:m]], axis=-1).ravel()
+        off, no_slot = np.zeros_like(scale[:m]), np.zeros_like(slot[:m])
+        slot_runs = np.stack([no_slot, slot[:m], no_slot, slot[:m], no_slot], axis=-1).ravel()
+        scale_runs = np.stack([off, scale[:m], off, scale[:m], off], axis=-1).ravel()
+        self._slots_np[:m, :total] = np.repeat(slot_runs, runs).reshape(m, total)
+        self._coef_np[:m, :total] = np.repeat(scale_runs, runs).reshape(m, total)
+        return m, np.unique(slot[:m][hit[:m]]).tolist()

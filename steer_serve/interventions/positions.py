@@ -9,6 +9,10 @@ act during prefill only, like pyreft with
 
 Positions are absolute within the request (prompt token i has position i), so the mask is the
 same however the prompt is chunked, cached or recomputed.
+
+:func:`position_spans` is the vectorised form the engine fills its per-step buffers with: every
+kind's mask is the union of two ordered half-open spans of positions, computed for whole arrays
+of (kind code, first, last, prompt length) at once.
 """
 from __future__ import annotations
 
@@ -18,6 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 
 _WINDOW = re.compile(r"^(?:f(?P<f>\d+))?(?:\+?l(?P<l>\d+))?$")
+
+#: Kind codes of the vectorised form; ``NO_POSITIONS`` marks a padded column (no token).
+KIND_CODES = {"window": 0, "prompt": 1, "generated": 2, "all": 3}
+NO_POSITIONS = -1
+_END = np.iinfo(np.int64).max
 
 
 @dataclass(frozen=True)
@@ -46,11 +55,32 @@ class Positions:
         half = num_prompt_tokens // 2
         return min(self.first, half), min(self.last, half)
 
+    @property
+    def code(self) -> int:
+        return KIND_CODES[self.kind]
+
     def __str__(self) -> str:
         if self.kind != "window":
             return self.kind
         parts = ([f"f{self.first}"] if self.first else []) + ([f"l{self.last}"] if self.last else [])
         return "+".join(parts)
+
+
+def position_spans(kind: np.ndarray, first: np.ndarray, last: np.ndarray,
+                   num_prompt_tokens: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``(lo1, hi1, lo2, hi2)``, ``lo1 <= hi1 <= lo2 <= hi2``: :meth:`Positions.mask` of each element
+    (``kind`` a code of :data:`KIND_CODES` or ``NO_POSITIONS``) is ``[lo1, hi1) ∪ [lo2, hi2)``.
+    The arguments broadcast; windows are clamped to half the prompt as in :meth:`Positions.window`."""
+    kind, first, last, prompt = np.broadcast_arrays(kind, first, last, num_prompt_tokens)
+    half = prompt // 2
+    window, generated = kind == KIND_CODES["window"], kind == KIND_CODES["generated"]
+    to_end = generated | (kind == KIND_CODES["all"])
+    lo1 = np.where(generated, prompt, 0)
+    hi1 = np.where(window, np.minimum(first, half),
+                   np.where(to_end, _END, np.where(kind == KIND_CODES["prompt"], prompt, 0)))
+    lo2 = np.where(window, prompt - np.minimum(last, half), np.where(to_end, _END, hi1))
+    hi2 = np.where(window, prompt, lo2)
+    return lo1, hi1, lo2, hi2
 
 
 #: The halves of an ``f<n>+l<n>`` window an edit may be restricted to (``Edit.window``).
