@@ -26,47 +26,68 @@ from steer_serve.interventions.positions import NO_POSITIONS, parse_positions, p
 from steer_serve.kernels import StepPlan
 
 Site = tuple[int, str]  # (layer index, component)
+_ON = np.array([0, 1, 0, 1, 0], dtype=np.int64)  # which of a request's five runs of tokens are edited
+_ON_SCALE = _ON.astype(np.float32)
 
 
 class _RequestTable:
-    """Parsed steering of the known requests, one row each, columns padded (row 0: no steering)."""
+    """Parsed steering of the known requests, one entry per column and request (entry 0: no steering).
+
+    Arrays are column-major (``[columns, capacity]``) so a gather for the step's requests is in
+    fill order. A request's spans of positions depend on its prompt length only; they are kept
+    with the prompt length they were computed for and recomputed when the engine's differs.
+    """
 
     def __init__(self, columns: int, capacity: int = 64):
-        self.slot = np.zeros((capacity, columns), dtype=np.int64)
-        self.scale = np.zeros((capacity, columns), dtype=np.float32)
-        self.kind = np.full((capacity, columns), NO_POSITIONS, dtype=np.int64)
-        self.first = np.zeros((capacity, columns), dtype=np.int64)
-        self.last = np.zeros((capacity, columns), dtype=np.int64)
-        self.prompt_len = np.full(capacity, -1, dtype=np.int64)   # -1: the engine's prompt length
+        self.slot = np.zeros((columns, capacity), dtype=np.int64)
+        self.scale = np.zeros((columns, capacity), dtype=np.float32)
+        self.kind = np.full((columns, capacity), NO_POSITIONS, dtype=np.int64)
+        self.first = np.zeros((columns, capacity), dtype=np.int64)
+        self.last = np.zeros((columns, capacity), dtype=np.int64)
+        self.spans = np.zeros((columns, capacity, 4), dtype=np.int64)   # position_spans at spans_prompt
+        self.spans_prompt = np.full(capacity, -1, dtype=np.int64)
+        self.prompt_len = np.full(capacity, -1, dtype=np.int64)         # -1: the engine's prompt length
         self._free = list(range(capacity - 1, 0, -1))
 
     def add(self, steering: RequestSteering) -> int:
-        """Store ``steering`` in a free row and return the row."""
-        columns = self.slot.shape[1]
+        """Store ``steering`` in a free entry and return its index."""
+        columns = self.slot.shape[0]
         if len(steering.slots) > columns:
             raise ValueError(f"request has {len(steering.slots)} columns, the engine holds {columns}")
         if not self._free:
             self._grow()
         row = self._free.pop()
         specs = [parse_positions(p) for p in steering.positions]
-        n = len(specs)
-        self.slot[row], self.scale[row], self.kind[row] = 0, 0.0, NO_POSITIONS
-        self.slot[row, :n], self.scale[row, :n] = steering.slots, steering.scales
-        self.kind[row, :n] = [s.code for s in specs]
-        self.first[row, :n] = [s.first for s in specs]
-        self.last[row, :n] = [s.last for s in specs]
+        pad = [0] * (columns - len(specs))
+        self.slot[:, row] = list(steering.slots) + pad
+        self.scale[:, row] = list(steering.scales) + pad
+        self.kind[:, row] = [s.code for s in specs] + [NO_POSITIONS] * len(pad)
+        self.first[:, row] = [s.first for s in specs] + pad
+        self.last[:, row] = [s.last for s in specs] + pad
+        self.spans_prompt[row] = -1
         self.prompt_len[row] = -1 if steering.prompt_len is None else steering.prompt_len
         return row
 
     def release(self, row: int) -> None:
         self._free.append(row)
 
+    def spans_of(self, rows: np.ndarray, engine_prompt: np.ndarray) -> np.ndarray:
+        """``[columns, requests, 4]`` spans of positions of ``rows`` (fresh arrays)."""
+        prompt = np.where(self.prompt_len[rows] >= 0, self.prompt_len[rows], engine_prompt)
+        stale = (self.spans_prompt[rows] != prompt) & (rows != 0)      # entry 0's spans stay empty
+        if stale.any():
+            todo, todo_prompt = rows[stale], prompt[stale]
+            self.spans[:, todo] = position_spans(self.kind[:, todo], self.first[:, todo], self.last[:, todo],
+                                                 todo_prompt)
+            self.spans_prompt[todo] = todo_prompt
+        return self.spans[:, rows]
+
     def _grow(self) -> None:
         capacity = len(self.prompt_len)
-        for name in ("slot", "scale", "kind", "first", "last", "prompt_len"):
+        for name in ("slot", "scale", "kind", "first", "last", "spans", "spans_prompt", "prompt_len"):
             old = getattr(self, name)
-            new = np.empty((2 * capacity, *old.shape[1:]), dtype=old.dtype)
-            new[:capacity] = old
+            axis = 0 if old.ndim == 1 else 1
+            new = np.concatenate([old, np.zeros_like(old)], axis=axis)
             setattr(self, name, new)
         self._free = list(range(2 * capacity - 1, capacity - 1, -1))
 
@@ -168,20 +189,21 @@ class StepState:
         if not rows.any():
             return 0, []
         t = self._table
-        kind, slot, scale = t.kind[rows].T, t.slot[rows].T, t.scale[rows].T              # [columns, requests]
-        prompt = np.where(t.prompt_len[rows] >= 0, t.prompt_len[rows], num_prompt)
-        spans = position_spans(kind, t.first[rows].T, t.last[rows].T, prompt)
-        # the spans in each request's scheduled chunk, as offsets 0..n: a1 <= b1 <= a2 <= b2
-        a1, b1, a2, b2 = (np.clip(bound - computed, 0, n) for bound in spans)
-        hit = (b1 > a1) | (b2 > a2)
+        spans = t.spans_of(rows, num_prompt)                           # [columns, requests, 4]
+        # cut each request's chunk (offsets 0..n) at its spans: runs off, on, off, on, off
+        edges = np.empty((*spans.shape[:2], 6), dtype=np.int64)
+        inner = edges[..., 1:5]
+        np.subtract(spans, computed[:, None], out=inner)
+        np.maximum(inner, 0, out=inner)
+        np.minimum(inner, n[:, None], out=inner)
+        edges[..., 0], edges[..., 5] = 0, n
+        runs = np.diff(edges, axis=-1)
+        hit = (runs[..., 1] + runs[..., 3]) > 0
         in_use = np.flatnonzero(hit.any(axis=1))
         if in_use.size == 0:
             return 0, []
         m = int(in_use[-1]) + 1
-        runs = np.stack([a1[:m], b1[:m] - a1[:m], a2[:m] - b1[:m], b2[:m] - a2[:m], n - b2[:m]], axis=-1).ravel()
-        off, no_slot = np.zeros_like(scale[:m]), np.zeros_like(slot[:m])
-        slot_runs = np.stack([no_slot, slot[:m], no_slot, slot[:m], no_slot], axis=-1).ravel()
-        scale_runs = np.stack([off, scale[:m], off, scale[:m], off], axis=-1).ravel()
-        self._slots_np[:m, :total] = np.repeat(slot_runs, runs).reshape(m, total)
-        self._coef_np[:m, :total] = np.repeat(scale_runs, runs).reshape(m, total)
-        return m, np.unique(slot[:m][hit[:m]]).tolist()
+        slot, runs = t.slot[:m, rows], runs[:m].ravel()
+        self._slots_np[:m, :total] = np.repeat((slot[..., None] * _ON).ravel(), runs).reshape(m, total)
+        self._coef_np[:m, :total] = np.repeat((t.scale[:m, rows, None] * _ON_SCALE).ravel(), runs).reshape(m, total)
+        return m, np.unique(slot[hit[:m]]).tolist()

@@ -67,20 +67,23 @@ class Positions:
 
 
 def position_spans(kind: np.ndarray, first: np.ndarray, last: np.ndarray,
-                   num_prompt_tokens: np.ndarray) -> tuple[np.ndarray, ...]:
-    """``(lo1, hi1, lo2, hi2)``, ``lo1 <= hi1 <= lo2 <= hi2``: :meth:`Positions.mask` of each element
-    (``kind`` a code of :data:`KIND_CODES` or ``NO_POSITIONS``) is ``[lo1, hi1) ∪ [lo2, hi2)``.
-    The arguments broadcast; windows are clamped to half the prompt as in :meth:`Positions.window`."""
-    kind, first, last, prompt = np.broadcast_arrays(kind, first, last, num_prompt_tokens)
+                   num_prompt_tokens: np.ndarray | int) -> np.ndarray:
+    """``[..., 4]`` int64 ``(lo1, hi1, lo2, hi2)``, ``lo1 <= hi1 <= lo2 <= hi2``, such that
+    :meth:`Positions.mask` of each element is ``[lo1, hi1) ∪ [lo2, hi2)``. ``kind`` (codes of
+    :data:`KIND_CODES`, or ``NO_POSITIONS``), ``first`` and ``last`` share one shape, which
+    ``num_prompt_tokens`` broadcasts against. Windows are clamped as in :meth:`Positions.window`."""
+    kind = np.asarray(kind)
+    prompt = np.asarray(num_prompt_tokens, dtype=np.int64)
     half = prompt // 2
     window, generated = kind == KIND_CODES["window"], kind == KIND_CODES["generated"]
     to_end = generated | (kind == KIND_CODES["all"])
-    lo1 = np.where(generated, prompt, 0)
-    hi1 = np.where(window, np.minimum(first, half),
-                   np.where(to_end, _END, np.where(kind == KIND_CODES["prompt"], prompt, 0)))
-    lo2 = np.where(window, prompt - np.minimum(last, half), np.where(to_end, _END, hi1))
-    hi2 = np.where(window, prompt, lo2)
-    return lo1, hi1, lo2, hi2
+    spans = np.empty((*kind.shape, 4), dtype=np.int64)
+    spans[..., 0] = np.where(generated, prompt, 0)
+    spans[..., 1] = np.where(window, np.minimum(first, half),
+                             np.where(to_end, _END, np.where(kind == KIND_CODES["prompt"], prompt, 0)))
+    spans[..., 2] = np.where(window, prompt - np.minimum(last, half), np.where(to_end, _END, spans[..., 1]))
+    spans[..., 3] = np.where(window, prompt, spans[..., 2])
+    return spans
 
 
 #: The halves of an ``f<n>+l<n>`` window an edit may be restricted to (``Edit.window``).
