@@ -156,3 +156,23 @@ def test_position_spans_are_the_masks():
             spans = ((positions >= lo1) & (positions < hi1)) | ((positions >= lo2) & (positions < hi2))
             assert np.array_equal(spans, spec.mask(positions, prompt)), (spec, prompt)
     assert [int(b) for b in position_spans(np.array(NO_POSITIONS), 0, 0, 7)] == [0, 0, 0, 0]
+
+
+def test_request_table_grows_and_reuses_entries():
+    """More steered requests than the table's first capacity, then finished ones forgotten and
+    their entries reused by new requests with other steering."""
+    rng = np.random.default_rng(7)
+    config = SteerConfig(num_slots=8, max_rank=2, max_columns=3)
+    state = StepState(config, torch.zeros(3, 256, dtype=torch.int64), torch.zeros(3, 256, dtype=torch.float32))
+    steering = {}
+    for wave in range(3):
+        req_ids = [f"w{wave}-{i}" for i in range(200 if wave != 1 else 10)]
+        steering.update({r: random_request(rng, 3, 8) for r in req_ids})
+        n, computed = np.ones(len(req_ids), dtype=np.int32), rng.integers(0, 12, size=len(req_ids)).astype(np.int32)
+        prompt = np.full(len(req_ids), 6, dtype=np.int32)
+        state.prepare(req_ids, n, computed, prompt, args_for(
+            {r: None if s is None else s.to_extra_args() for r, s in steering.items()}), live_req_ids=set(req_ids))
+        slots, coef, columns, _ = reference_fill(steering, req_ids, n, computed, prompt, 3, 256)
+        assert np.array_equal(state.slots.numpy(), slots) and np.array_equal(state.coef.numpy(), coef)
+        assert state.num_columns == columns
+    assert len(state._rows) <= 2 * 200 + 64

@@ -7,12 +7,15 @@ the request's positions exclude the token). Masked tokens get slot 0, which is a
 are untouched bit for bit. Positions are absolute (``num_computed + i``), so chunked prefill,
 prefix-cache hits and preemption/recompute all hit exactly the same tokens.
 
-The fill is array code over the whole batch. A request's steering is parsed once, into a row of
-a request table (slot, scale, kind code, first, last per column, padded to ``max_columns``, and
-its prompt-length override). Per step, :func:`position_spans` turns every (request, column) into
-two spans of positions, which, clipped to the request's scheduled chunk, cut its tokens into five
-runs (off, on, off, on, off); one ``np.repeat`` of the run values by the run lengths writes all
-columns. The host buffers are pinned on CUDA and copied with ``non_blocking=True``.
+The fill is array code over the whole batch; no Python loop runs over requests or columns
+(except to parse a request's steering the first time it is scheduled). A request's steering lives
+in an entry of a request table (slot, scale, kind code, first, last per column, padded to
+``max_columns``; its prompt-length override; and its two spans of positions from
+:func:`position_spans`, kept until its prompt length changes). Per step the spans, clipped to
+each request's scheduled chunk, cut its tokens into five runs (off, on, off, on, off); one
+``np.repeat`` of the run values by the run lengths writes all columns (as vLLM's runner builds
+positions). The host buffers are pinned on CUDA and copied with ``non_blocking=True``. Every
+hooked layer then reads the step's :class:`~steer_serve.kernels.StepPlan` (:meth:`StepState.plan`).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ _ON_SCALE = _ON.astype(np.float32)
 
 
 class _RequestTable:
-    """Parsed steering of the known requests, one entry per column and request (entry 0: no steering).
+    """Parsed steering of the known requests, one entry each, columns padded (entry 0: no steering).
 
     Arrays are column-major (``[columns, capacity]``) so a gather for the step's requests is in
     fill order. A request's spans of positions depend on its prompt length only; they are kept
