@@ -52,6 +52,16 @@ def _add_serve(sub) -> None:
                    help="bearer key for intervention management (env STEER_SERVE_ADMIN_API_KEY)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
     p.add_argument("--max-concurrent-requests", type=int, default=256, help="beyond this: 429 with Retry-After")
+    p.add_argument("--max-concurrent-sequences", type=int, default=None,
+                   help="sequences (prompts x n) in flight; beyond this: 429 (default: 2 x --max-num-seqs)")
+    p.add_argument("--max-sequences-per-request", type=int, default=None,
+                   help="sequences (prompts x n) one request may ask for; beyond: 400 (default: --max-num-seqs / 2)")
+    p.add_argument("--http-header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request's headers; then 408 and the connection is closed")
+    p.add_argument("--http-body-timeout", type=float, default=60.0,
+                   help="seconds a client has to send a request's body once its headers are in; then 408 and close")
+    p.add_argument("--max-header-bytes", type=int, default=16384,
+                   help="largest request head (request line + headers); beyond: 400")
     p.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024, help="largest JSON request body")
     p.add_argument("--max-upload-bytes", type=int, default=64 * 1024 * 1024, help="largest uploaded weight file")
     p.add_argument("--max-placements", type=int, default=256, help="most placements (edits) one intervention may have")
@@ -105,7 +115,11 @@ def _serve(args, vllm_flags: list[str]) -> None:
         host=args.host, port=args.port, allowed_dirs=args.allowed_intervention_dir, preload=preload,
         preload_positions=args.intervention_positions, api_key=args.api_key, admin_api_key=args.admin_api_key,
         allow_hub=not args.no_hub, registry_dir=args.registry_dir, max_tokens_limit=args.max_tokens_limit,
-        max_concurrent_requests=args.max_concurrent_requests, max_body_bytes=args.max_body_bytes,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_concurrent_sequences=args.max_concurrent_sequences or 2 * args.max_num_seqs,
+        max_sequences_per_request=args.max_sequences_per_request or max(1, args.max_num_seqs // 2),
+        http_header_timeout=args.http_header_timeout, http_body_timeout=args.http_body_timeout,
+        max_header_bytes=args.max_header_bytes, max_body_bytes=args.max_body_bytes,
         max_upload_bytes=args.max_upload_bytes, max_placements=args.max_placements,
         cors_origins=args.cors_origin, drain_timeout=args.drain_timeout,
         engine_stall_timeout=args.engine_stall_timeout, vllm_args=vllm_args)

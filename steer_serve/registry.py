@@ -355,7 +355,9 @@ class InterventionRegistry:
                 # hold half of the slots the other needs.
                 while True:
                     missing = [e for e in unique if not e.loaded and not e.adapter]
-                    gone = next((e for e in unique if e.deleting), None)
+                    # a force-DELETE waits for pinned requests (waiting ones too); only an entry
+                    # deleted before this request pinned it is gone
+                    gone = next((e for e in unique if self.entries.get(e.id) is not e), None)
                     if gone is not None:
                         raise RegistryError(f"The intervention `{gone.id}` does not exist.", status=404,
                                             code="intervention_not_found", param="intervention")
@@ -476,7 +478,10 @@ class InterventionRegistry:
 
     async def restore(self) -> list[str]:
         """Re-register what the persisted registry holds; returns the ids restored."""
-        if self.persist_dir is None or not (self.persist_dir / "registry.json").is_file():
+        if self.persist_dir is None:
+            return []
+        self._remove_crash_leftovers()
+        if not (self.persist_dir / "registry.json").is_file():
             return []
         data = json.loads((self.persist_dir / "registry.json").read_text())
         self._restoring = True  # the file on disk already says all this: no rewrite, no weights cleanup
@@ -484,6 +489,18 @@ class InterventionRegistry:
             return await self._restore_records(data.get("interventions", []))
         finally:
             self._restoring = False
+
+    def _remove_crash_leftovers(self) -> None:
+        """Half-written weights (``.<name>.tmp-*`` dirs) and registry files (``.registry.json.*``) of a
+        process that crashed mid-write; safe at start-up, under the directory's lock."""
+        for directory, pattern in ((self.persist_dir / "weights", ".*.tmp-*"), (self.adapters_dir, ".*.tmp-*"),
+                                   (self.persist_dir, ".registry.json.*")):
+            for leftover in directory.glob(pattern) if directory.is_dir() else ():
+                logger.warning("removing %s, left by a write that did not finish", leftover)
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
 
     async def _restore_records(self, records: list[dict]) -> list[str]:
         from steer_serve.formats.native import read_native

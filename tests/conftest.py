@@ -61,15 +61,16 @@ USER_KEY, ADMIN_KEY = "user-key", "admin-key"
 @pytest.fixture(scope="session")
 def guarded_server(tmp_path_factory, intervention_dir):
     """The one server with special flags (all such tests share it): API and admin keys, tiny limits
-    (2 concurrent requests, 64 KiB bodies, 256 KiB uploads, 16 max_tokens), 4 slots, no hub, CORS for
-    one origin. Tests may stop and start it again (same port and registry dir)."""
+    (2 concurrent requests, 8 sequences per request, 64 KiB bodies, 256 KiB uploads, 16 max_tokens,
+    2 s / 3 s to send a head / body), 4 slots, no hub, CORS for one origin. Tests may stop and start it again (same port and registry dir)."""
     root = tmp_path_factory.mktemp("guarded_server")
     proc = ServerProcess("--allowed-intervention-dir", str(FIXTURES), "--allowed-intervention-dir",
                          str(intervention_dir), "--api-key", USER_KEY, "--admin-api-key", ADMIN_KEY,
                          "--max-concurrent-requests", "2", "--max-body-bytes", "65536",
                          "--max-upload-bytes", "262144", "--max-tokens-limit", "16", "--max-interventions", "4",
                          "--max-model-len", "512", "--no-hub", "--cors-origin", "http://allowed.example",
-                         "--kv-cache-gb", "1", "--drain-timeout", "60",
+                         "--kv-cache-gb", "1", "--drain-timeout", "60", "--max-sequences-per-request", "8",
+                         "--http-header-timeout", "2", "--http-body-timeout", "3",
                          registry_dir=root / "registry", log_path=root / "server.log").start()
     yield proc
     proc.stop()

@@ -54,6 +54,9 @@ class FakeEngine:
     async def clear_slot(self, slot) -> None:
         self.slots.pop(slot, None)
 
+    def failure(self) -> str | None:
+        return None
+
     async def check_health(self, stall_timeout: float) -> None:
         return None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import time
 
 import httpx
@@ -107,6 +108,8 @@ def test_409_for_an_existing_id(guarded, guarded_iv, intervention_dir):
     ({"prompt": "hi", "interventions": [{"id": "a", "scale": 1e9}]}, "interventions"),
     ({"prompt": [[]]}, None),
     ({"prompt": "x " * 600, "max_tokens": 4}, "input_tokens"),                   # longer than the context
+    ({"prompt": ["hi"] * 9, "max_tokens": 1}, "prompt"),                         # --max-sequences-per-request 8
+    ({"prompt": ["hi"] * 3, "n": 3, "max_tokens": 1}, "n"),
 ])
 def test_400_completions(guarded, payload, param):
     assert_error(guarded.post("/v1/completions", json=payload), 400, param=param)
@@ -117,6 +120,7 @@ def test_400_completions(guarded, payload, param):
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, None),
     ({"messages": CHAT, "top_logprobs": 3}, "top_logprobs"),
     ({"messages": CHAT, "temperature": 3}, "temperature"),
+    ({"messages": CHAT, "n": 9}, "n"),
 ])
 def test_400_chat(guarded, payload, param):
     assert_error(guarded.post("/v1/chat/completions", json=payload), 400, param=param)
@@ -196,6 +200,68 @@ async def test_429_with_retry_after_at_the_concurrency_limit():
         assert [r.status_code for r in await asyncio.gather(*slow)] == [200, 200]
         assert (await client.post("/v1/completions", json={"prompt": [5], "max_tokens": 2})).status_code == 200
         assert state.limiter.in_flight == 0
+
+
+async def test_admission_counts_sequences_not_requests():
+    """prompts × n count against the limits: past the per-request cap a 400 naming the field; a request
+    that would take the sequences in flight past their cap a 429, while a smaller one still fits."""
+    app, state = fake_app(FakeEngine(step_seconds=0.05), max_sequences_per_request=8, max_concurrent_sequences=12)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://fake") as client:
+        too_many = await client.post("/v1/completions", json={"prompt": [[5]] * 3, "n": 3, "max_tokens": 2})
+        assert "9 sequences" in assert_error(too_many, 400, "too_many_sequences", param="n")["message"]
+        slow = asyncio.create_task(client.post("/v1/completions", json={"prompt": [5], "n": 8, "max_tokens": 100}))
+        while state.limiter.sequences < 8:
+            await asyncio.sleep(0.01)
+        assert (await client.get("/ready")).json()["sequences"] == 8
+        assert_error(await client.post("/v1/completions", json={"prompt": [5], "n": 5, "max_tokens": 2}), 429,
+                     "rate_limit_exceeded")
+        fits = await client.post("/v1/completions", json={"prompt": [5], "n": 4, "max_tokens": 2})
+        assert fits.status_code == 200, fits.text
+        assert (await slow).status_code == 200
+        assert state.limiter.in_flight == 0 and state.limiter.sequences == 0
+
+
+def _raw_exchange(url: str, data: bytes, wait: float = 0.0) -> tuple[float, bytes]:
+    """Send ``data`` on a fresh connection; read until the server closes it. (seconds, answer)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(data)
+        started, answer = time.monotonic(), b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return time.monotonic() - started, answer
+
+
+def _error_of(answer: bytes) -> tuple[int, dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"application/json" in head.lower(), answer[:300]
+    return int(head.split()[1]), json.loads(body)["error"]
+
+
+def test_http_level_limits_answer_in_the_openai_shape(guarded_server, guarded):
+    """Malformed requests, oversized heads, and clients that send their head or body too slowly
+    (--http-header-timeout 2, --http-body-timeout 3) are answered with the OpenAI error body and the
+    connection is closed; the server stays healthy."""
+    url = guarded_server.url
+    status, error = _error_of(_raw_exchange(url, b"NOT AN HTTP REQUEST\r\n\r\n")[1])
+    assert status == 400 and error["code"] == "invalid_http_request"
+    huge_head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n"
+    status, error = _error_of(_raw_exchange(url, huge_head)[1])
+    assert status == 431 and error["code"] == "request_header_too_large"
+    unfinished_huge_head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000   # never ends
+    status, error = _error_of(_raw_exchange(url, unfinished_huge_head)[1])
+    assert status == 400 and error["code"] == "invalid_http_request"
+    seconds, answer = _raw_exchange(url, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+    status, error = _error_of(answer)
+    assert status == 408 and error["code"] == "request_timeout" and 1.5 < seconds < 10, (seconds, error)
+    seconds, answer = _raw_exchange(url, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                                    + USER_KEY.encode() + b"\r\nContent-Type: application/json\r\n"
+                                    b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+    status, error = _error_of(answer)
+    assert status == 408 and "body" in error["message"] and 2.5 < seconds < 12, (seconds, error)
+    assert guarded.get("/health").json() == {"status": "ok"}
+    assert guarded.get("/ready").json()["in_flight"] == 0
 
 
 def test_errors_by_code_in_metrics(guarded):

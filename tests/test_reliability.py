@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import contextlib
 import json
 import os
 import random
@@ -137,6 +138,41 @@ def test_client_disconnect_mid_stream_frees_the_request_and_its_pin(client, serv
     assert time.monotonic() - started < 20           # 1500 tokens would take minutes: the engine aborted them
     assert client.get("/v1/interventions/fault-disconnect").json()["status"] == "loaded"
     assert tokens(complete(client, PROMPTS[0], 4, intervention="fault-disconnect"))
+
+
+def _generated_tokens(client: httpx.Client) -> float:
+    """vLLM's own count of tokens generated so far (all engines)."""
+    return sum(float(v) for v in re.findall(r"^vllm:generation_tokens_total\{[^}]*\} (\S+)$",
+                                            client.get("/metrics").text, re.M))
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 1500, "ignore_eos": True}),
+    ("/v1/completions", {"prompt": [PROMPTS[0], PROMPTS[1]], "n": 2, "max_tokens": 1500, "ignore_eos": True}),
+    ("/v1/completions", {"prompt": PROMPTS[1], "n": 3, "max_tokens": 1500, "ignore_eos": True, "stream": True}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1500,
+                              "ignore_eos": True, "intervention": "fault-abandon"}),
+], ids=["non-streaming", "batched-prompts-n2", "streaming-n3", "chat-steered"])
+def test_an_abandoned_request_of_any_kind_stops_generating(client, server, intervention_dir, path, body):
+    """The client sends a 1500-token request, lets it run, and closes the connection without reading:
+    within seconds the server holds no request, no pin, and the engine generates nothing more."""
+    if "fault-abandon" not in client.get("/v1/interventions").text:
+        register(client, intervention_dir, "fault-abandon", random_loreft(932))
+    host, port = server.url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        before = _generated_tokens(client)
+        while _generated_tokens(client) < before + 8:      # it is generating
+            time.sleep(0.1)
+    left = time.monotonic()
+    wait_idle(client, ["fault-abandon"], timeout=10)
+    released = time.monotonic() - left
+    settled = _generated_tokens(client)
+    time.sleep(1.5)
+    assert _generated_tokens(client) == settled, "the engine kept generating for a client that left"
+    assert released < 5, released
 
 
 @pytest.mark.parametrize("spec_version", ["2.3", "2.4"])
@@ -516,30 +552,96 @@ def test_a_second_server_on_one_registry_dir_refuses_to_start(small_server, tmp_
     assert httpx.get(f"{small_server.url}/health", timeout=10).status_code == 200
 
 
-def test_a_frozen_engine_fails_health_and_a_dead_one_takes_the_server_down(tmp_path):
-    """SIGSTOP of the engine processes: ``/health`` turns 503 within ``--engine-stall-timeout`` and back
-    to 200 on SIGCONT. SIGKILL of them (what an OOM kill does): the server stops taking requests and the
-    process exits non-zero within seconds, so a supervisor restarts it (vLLM's server does the same)."""
+@pytest.mark.parametrize("fault", ["SIGSTOP", "SIGKILL"])
+def test_a_frozen_or_dead_engine_takes_the_server_down(tmp_path, fault):
+    """SIGKILL of the engine processes (what an OOM kill does) or SIGSTOP (a frozen engine, seen when
+    a round trip stays unanswered for ``--engine-stall-timeout``): an in-flight request ends with a
+    5xx at once, ``/ready`` and new requests answer 503 with the OpenAI error body, and the process
+    exits non-zero within seconds, so a supervisor restarts it (vLLM's server does the same)."""
     from fixtures.tiny_models import build_tiny_model
     from steer_serve.model import prepare_default_model
 
     build_tiny_model("LlamaForCausalLM", tmp_path / "model", prepare_default_model())
-    proc = ServerProcess("--model", str(tmp_path / "model"), "--max-model-len", "512", "--engine-stall-timeout", "2",
+    proc = ServerProcess("--model", str(tmp_path / "model"), "--max-model-len", "512", "--engine-stall-timeout", "3",
                          registry_dir=tmp_path / "registry", log_path=tmp_path / "server.log").start()
+    engine = psutil.Process(proc.proc.pid).children(recursive=True)
     try:
         assert httpx.get(f"{proc.url}/ready", timeout=10).status_code == 200
-        engine = psutil.Process(proc.proc.pid).children(recursive=True)
-        for child in engine:
-            child.suspend()
-        frozen = httpx.get(f"{proc.url}/health", timeout=30)
-        for child in engine:
-            child.resume()
-        assert frozen.status_code == 503 and "not answered" in frozen.json()["error"]["message"], frozen.text
-        assert httpx.get(f"{proc.url}/health", timeout=30).status_code == 200
-        for child in engine:
-            child.kill()
-        code = proc.proc.wait(60)
-        assert code != 0, proc.tail()
-        assert "the engine died" in proc.log_path.read_text(errors="replace"), proc.tail()
+        with cf.ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(httpx.post, f"{proc.url}/v1/completions", timeout=60, json={
+                "prompt": "Hello", "max_tokens": 400, "ignore_eos": True})
+            time.sleep(1.0)
+            faulted = time.monotonic()
+            for child in engine:
+                child.suspend() if fault == "SIGSTOP" else child.kill()
+            answers = []
+            while proc.proc.poll() is None and time.monotonic() - faulted < 60:
+                try:
+                    answers.append((httpx.get(f"{proc.url}/ready", timeout=5),
+                                    httpx.post(f"{proc.url}/v1/completions", timeout=5,
+                                               json={"prompt": "Hi", "max_tokens": 2})))
+                except httpx.HTTPError:
+                    pass                                 # shutting down: connections refused
+                time.sleep(0.2)
+            code, exited = proc.proc.wait(60), time.monotonic() - faulted
+            ended = in_flight.result()
+        assert ended.status_code >= 500 and "error" in ended.json(), ended.text
+        assert code != 0 and exited < 20, (code, exited, proc.tail())
+        said = "has not answered" if fault == "SIGSTOP" else "the engine died"
+        assert said in proc.log_path.read_text(errors="replace"), proc.tail()
+        refused = [(ready, new) for ready, new in answers if ready.status_code == 503]
+        assert refused, answers
+        for ready, new in refused:
+            assert new.status_code == 503 and new.json()["error"]["code"] == "engine_dead", new.text
     finally:
+        for child in engine:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
         proc.stop()
+
+
+async def test_force_delete_serves_the_requests_already_waiting_for_a_slot():
+    """Both slots pinned by others; a request for `c` waits for a slot. A force-DELETE of `c` then
+    lets that waiting request be served (it was accepted before the delete) and only refuses new
+    ones; the delete completes once it is done."""
+    from fake_engine import FakeEngine
+    from steer_serve.registry import InterventionRegistry, RegistryError
+
+    registry = InterventionRegistry(FakeEngine())
+    for i, name in enumerate("abc"):
+        await registry.register(name, random_loreft(940 + i), source="test", format="native")
+    held = [await registry.acquire([(name, None, None)]) for name in "ab"]
+    waiting = asyncio.create_task(registry.acquire([("c", None, None)]))
+    await asyncio.sleep(0.05)
+    deleting = asyncio.create_task(registry.unregister("c", force=True, timeout=10))
+    await asyncio.sleep(0.05)
+    with pytest.raises(RegistryError) as refused:
+        await registry.acquire([("c", None, None)])
+    assert refused.value.status == 404
+    await registry.release(held[0])
+    lease = await asyncio.wait_for(waiting, 5)            # served, not 404
+    assert lease.steering.slots and not deleting.done()
+    await registry.release(lease)
+    await asyncio.wait_for(deleting, 5)
+    assert "c" not in registry.entries and all(owner != "c" for owner in registry.slot_owner.values())
+    await registry.release(held[1])
+
+
+async def test_leftovers_of_a_crashed_write_are_removed_at_start_up(tmp_path):
+    """A process killed mid-write leaves `.<hash>.tmp-*` weight dirs and `.registry.json.*` files; the next
+    start removes them and restores what registry.json holds."""
+    from fake_engine import FakeEngine
+    from steer_serve.registry import InterventionRegistry
+
+    first = InterventionRegistry(FakeEngine(), persist_dir=tmp_path)
+    await first.register("kept", random_loreft(950), source="test", format="native")
+    leftovers = [tmp_path / "weights" / ".abc.tmp-x1", tmp_path / "adapters" / ".def.tmp-y2"]
+    for leftover in leftovers:
+        leftover.mkdir(parents=True)
+        (leftover / "weights.safetensors").write_bytes(b"half")
+    (tmp_path / ".registry.json.k3j2").write_text('{"version": 1, "interventions": [')
+    second = InterventionRegistry(FakeEngine(), persist_dir=tmp_path)
+    assert await second.restore() == ["kept"]
+    assert not any(leftover.exists() for leftover in leftovers)
+    assert not list(tmp_path.glob(".registry.json.*"))
+    assert len(list((tmp_path / "weights").iterdir())) == 1

@@ -23,20 +23,38 @@ from steer_serve.api.middleware import RequestContext
 
 
 class Limiter:
-    """Caps requests in flight; beyond it the server answers 429 with ``Retry-After``."""
+    """Admission by work: caps the requests and the sequences (prompts × ``n``, or beams) in flight.
 
-    def __init__(self, max_in_flight: int):
-        self.max_in_flight = max_in_flight
+    A request asking for more sequences than one request may is a 400; beyond either concurrent cap
+    the server answers 429 with ``Retry-After``. With the sequence cap at about the engine's batch
+    size (the default), admitted sequences are scheduled at once, so a small request never waits in
+    the engine's queue behind a huge fan-out.
+    """
+
+    def __init__(self, max_in_flight: int, max_sequences: int, max_sequences_per_request: int):
+        self.max_in_flight, self.max_sequences = max_in_flight, max_sequences
+        self.max_sequences_per_request = max_sequences_per_request
         self.in_flight = 0
+        self.sequences = 0
 
-    def enter(self) -> None:
+    def enter(self, sequences: int = 1, param: str = "n") -> None:
+        if sequences > self.max_sequences_per_request:
+            raise APIError(400, f"this request asks for {sequences} sequences (prompts × n); one request may ask for "
+                                f"at most {self.max_sequences_per_request} on this server", code="too_many_sequences",
+                           param=param)
         if self.in_flight >= self.max_in_flight:
             raise APIError(429, f"The server is at its limit of {self.max_in_flight} concurrent requests; retry shortly.",
                            code="rate_limit_exceeded", headers={"Retry-After": "1"})
+        if self.sequences + sequences > self.max_sequences:
+            raise APIError(429, f"The server is at its limit of {self.max_sequences} concurrent sequences "
+                                f"({self.sequences} running, this request asks for {sequences}); retry shortly.",
+                           code="rate_limit_exceeded", headers={"Retry-After": "1"})
         self.in_flight += 1
+        self.sequences += sequences
 
-    def leave(self) -> None:
+    def leave(self, sequences: int = 1) -> None:
         self.in_flight -= 1
+        self.sequences -= sequences
 
 
 @dataclass
@@ -54,6 +72,9 @@ class AppState:
     admin_api_key: str | None = None
     max_tokens_limit: int = 4096
     max_concurrent_requests: int = 256
+    max_concurrent_sequences: int = 256
+    max_sequences_per_request: int = 64
+    max_header_bytes: int = 16384
     max_body_bytes: int = 2 * 1024 * 1024
     max_upload_bytes: int = 64 * 1024 * 1024
     max_placements: int = 256
@@ -61,6 +82,7 @@ class AppState:
     engine_stall_timeout: float = 30.0
     started: int = field(default_factory=lambda: int(time.time()))
     ready: bool = True
+    engine_frozen: str | None = None   # set by the watchdog (api/server.py) when the engine stops answering
     metrics: Metrics = field(default_factory=Metrics)
     limiter: Limiter = None
     handlers: dict = None  # kind -> vLLM route function (a test may put stand-ins here)
@@ -70,8 +92,13 @@ class AppState:
             from steer_serve.api.vllm_frontend import GENERATION_HANDLERS
 
             self.handlers = dict(GENERATION_HANDLERS)
-        self.limiter = self.limiter or Limiter(self.max_concurrent_requests)
+        self.limiter = self.limiter or Limiter(self.max_concurrent_requests, self.max_concurrent_sequences,
+                                               self.max_sequences_per_request)
         self.registry.on_load = self.metrics.load_latency.observe
+
+    def engine_failure(self) -> str | None:
+        """Why the engine cannot serve (dead, or frozen past ``--engine-stall-timeout``), else None."""
+        return self.engine_frozen or self.engine.failure()
 
 
 def create_app(state: AppState, *, on_shutdown=None) -> FastAPI:
@@ -97,7 +124,8 @@ def create_app(state: AppState, *, on_shutdown=None) -> FastAPI:
                      and headers.get("content-type", "").startswith("multipart/form-data"))
         return state.max_upload_bytes * 2 + 65536 if is_upload else state.max_body_bytes
 
-    app.add_middleware(RequestContext, limit_for=body_limit, on_error=state.metrics.error)
+    app.add_middleware(RequestContext, limit_for=body_limit, max_header_bytes=state.max_header_bytes,
+                       on_error=state.metrics.error)
     if state.cors_origins:  # off unless --cors-origin is given
         app.add_middleware(CORSMiddleware, allow_origins=state.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["x-request-id", "retry-after"])
@@ -116,9 +144,11 @@ def create_app(state: AppState, *, on_shutdown=None) -> FastAPI:
     @app.get("/ready", tags=["ops"], summary="Readiness: accepting requests (503 while shutting down)",
              responses={**docs.ok(docs.Ready, {"status": "ready", "in_flight": 3}), **docs.errors(503)})
     async def ready():
+        if failure := state.engine_failure():
+            return error_response(503, failure, code="engine_dead")
         if not state.ready:
             return error_response(503, "shutting down", code="not_ready")
-        return {"status": "ready", "in_flight": state.limiter.in_flight}
+        return {"status": "ready", "in_flight": state.limiter.in_flight, "sequences": state.limiter.sequences}
 
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response,
              responses={200: {"description": "Prometheus text format: requests/tokens per intervention, TTFT and "

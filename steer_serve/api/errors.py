@@ -9,12 +9,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 logger = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 409: "conflict_error", 413: "request_too_large", 422: "invalid_request_error",
-          429: "rate_limit_error", 503: "service_unavailable"}
+          408: "invalid_request_error", 429: "rate_limit_error", 431: "request_too_large", 503: "service_unavailable"}
 _CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
@@ -116,6 +117,10 @@ def install_error_handlers(app: FastAPI, on_error=lambda status: None) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
+        if isinstance(exc, ClientDisconnect):   # the client left, or was closed for a too slow body: no answer
+            on_error(499)
+            logger.info("client disconnected during %s %s", request.method, request.url.path)
+            return error_response(400, "the client disconnected", code="client_disconnected")
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         on_error(500)
         return error_response(500, f"internal error: {type(exc).__name__}", code="internal_error")

@@ -30,11 +30,13 @@ class RequestContext:
     """Tags each request with an id (``X-Request-Id`` in and out), limits its body, logs one JSON line.
 
     ``limit_for(scope, headers)`` gives the byte limit of a request (uploads get a larger one);
-    ``on_error(status)`` counts rejections this middleware answers itself.
+    ``max_header_bytes`` caps the request head (a head that arrived whole is not caught by the HTTP
+    parser's incomplete-head limit): 431; ``on_error(status)`` counts rejections it answers itself.
     """
 
-    def __init__(self, app, *, limit_for, on_error=lambda status: None):
+    def __init__(self, app, *, limit_for, max_header_bytes: int = 16384, on_error=lambda status: None):
         self.app, self.limit_for, self.on_error = app, limit_for, on_error
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -65,9 +67,16 @@ class RequestContext:
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
             await send(message)
 
+        head_bytes = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + sum(
+            len(name) + len(value) + 4 for name, value in scope["headers"])
         try:
             length = headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > limit):
+            if head_bytes > self.max_header_bytes:
+                self.on_error(431)
+                response = error_response(431, f"request head (request line + headers) larger than "
+                                               f"{self.max_header_bytes} bytes", code="request_header_too_large")
+                await response(scope, receive, tagged_send)
+            elif length is not None and (not length.isdigit() or int(length) > limit):
                 self.on_error(413)
                 response = error_response(413, f"request body larger than {limit} bytes", code="request_too_large")
                 await response(scope, receive, tagged_send)

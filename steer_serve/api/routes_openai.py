@@ -97,6 +97,15 @@ def _refuse_batched_beam_search(body) -> None:
                        code="unsupported_value", param="prompt")
 
 
+def sequences_of(body, kind: str) -> tuple[int, str]:
+    """The sequences a request makes the engine run (prompts × ``n``; beams for beam search), and the
+    field to name when there are too many."""
+    prompt = getattr(body, "prompt", None)
+    prompts = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else 1
+    n = (getattr(body, "n", None) or 1) if kind != "responses" else 1
+    return prompts * n, ("prompt" if prompts > 1 and n == 1 else "n")
+
+
 def _hand_over(body, lease: Lease | None, request: Request) -> None:
     """Put the lease where vLLM carries per-request data: extra args, cache salt, LoRA model name."""
     state = request.app.state.steer
@@ -118,6 +127,8 @@ def _hand_over(body, lease: Lease | None, request: Request) -> None:
 
 async def _steered(request: Request, body, kind: str) -> Response:
     state = request.app.state.steer
+    if failure := state.engine_failure():
+        raise APIError(503, f"{failure}; the server is shutting down", code="engine_dead")
     if RequestSteering.EXTRA_ARGS_KEY in (getattr(body, "vllm_xargs", None) or {}):
         raise APIError(400, f"vllm_xargs.{RequestSteering.EXTRA_ARGS_KEY} is reserved: name interventions with "
                        + _FIELDS, code="invalid_value", param="vllm_xargs")
@@ -126,7 +137,8 @@ async def _steered(request: Request, body, kind: str) -> Response:
     labels = [i for i, _, _ in requested] or ["none"]
     request.state.user = getattr(body, "user", None)
     request.state.interventions, request.state.stream = ",".join(labels), bool(body.stream)
-    state.limiter.enter()  # 429 when the server is full
+    sequences, param = sequences_of(body, kind)
+    state.limiter.enter(sequences, param)  # 400 past the per-request cap, 429 when the server is full
     lease = None
 
     async def finish() -> None:
@@ -134,7 +146,7 @@ async def _steered(request: Request, body, kind: str) -> Response:
         if lease is not None:
             await state.registry.release(lease)
             lease = None
-        state.limiter.leave()
+        state.limiter.leave(sequences)
 
     try:
         lease = await state.registry.acquire(requested) if requested else None

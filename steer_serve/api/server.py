@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvicorn
 
 from steer_serve.api.app import AppState, create_app
+from steer_serve.api.http_protocol import guarded_protocol
 from steer_serve.engine.engine import EngineSettings, SteerEngine
 from steer_serve.model import cache_dir
 from steer_serve.registry import InterventionRegistry, lock_registry_dir
@@ -31,6 +33,11 @@ class ServerSettings:
     registry_dir: str | None = None
     max_tokens_limit: int = 4096
     max_concurrent_requests: int = 256
+    max_concurrent_sequences: int = 256
+    max_sequences_per_request: int = 64
+    http_header_timeout: float = 10.0
+    http_body_timeout: float = 60.0
+    max_header_bytes: int = 16384
     max_body_bytes: int = 2 * 1024 * 1024
     max_upload_bytes: int = 64 * 1024 * 1024
     max_placements: int = 256
@@ -69,7 +76,10 @@ async def build_state(engine: SteerEngine, settings: ServerSettings) -> AppState
         allowed_dirs=settings.allowed_dirs,
         allow_hub=settings.allow_hub, api_key=settings.api_key, admin_api_key=settings.admin_api_key,
         max_tokens_limit=settings.max_tokens_limit, max_concurrent_requests=settings.max_concurrent_requests,
-        max_body_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_upload_bytes,
+        max_concurrent_sequences=settings.max_concurrent_sequences,
+        max_sequences_per_request=settings.max_sequences_per_request,
+        max_header_bytes=settings.max_header_bytes, max_body_bytes=settings.max_body_bytes,
+        max_upload_bytes=settings.max_upload_bytes,
         max_placements=settings.max_placements, cors_origins=settings.cors_origins,
         engine_stall_timeout=settings.engine_stall_timeout)
 
@@ -88,21 +98,38 @@ class _DrainingServer(uvicorn.Server):
 
 
 ENGINE_WATCH_INTERVAL_S = 1.0
+ENGINE_FAILURE_DRAIN_S = 2.0   # /ready 503 is seen and in-flight requests end before the exit
 
 
-async def _exit_when_the_engine_dies(engine: SteerEngine, state: AppState, server: uvicorn.Server) -> bool:
-    """vLLM's own server watches its engine the same way: once the engine core is dead (killed, OOM),
-    stop taking requests (``/ready`` 503) and shut the server down, so the process exits non-zero
-    and a supervisor or load balancer reacts instead of it answering 500 for ever. True if it died;
-    False once a normal shutdown began (which stops the engine itself)."""
+async def _watch_the_engine(engine: SteerEngine, state: AppState, server: uvicorn.Server) -> str | None:
+    """vLLM's own server watches its engine the same way: once the engine core is dead (killed, OOM)
+    or frozen (a round trip, answered between steps, outstanding for ``--engine-stall-timeout``),
+    ``/ready`` and new requests answer 503, in-flight ones end with a 5xx (a frozen engine is shut
+    killed for that), and after a short drain the server stops, so the process exits non-zero and a
+    supervisor or load balancer reacts instead of it answering 500 or hanging for ever. Returns the
+    reason, or None once a normal shutdown began (which stops the engine itself)."""
+    probe, probe_started = None, 0.0
     while state.ready:
-        if engine.llm.errored:
-            logger.error("the engine died (%s): shutting the server down", engine.llm.dead_error)
-            state.ready = False
-            server.should_exit = True
-            return True
-        await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
-    return False
+        reason = engine.failure()
+        if reason is None and probe is not None and not probe.done() and \
+                time.monotonic() - probe_started > state.engine_stall_timeout:
+            reason = state.engine_frozen = f"the engine has not answered for {state.engine_stall_timeout:g} s (frozen)"
+            probe.cancel()
+        if reason is None:
+            if probe is None or probe.done():
+                if probe is not None and not probe.cancelled():
+                    probe.exception()   # a failed probe means death, which the next turn sees
+                probe, probe_started = asyncio.ensure_future(engine.llm.is_sleeping()), time.monotonic()
+            await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
+            continue
+        logger.error("%s: shutting the server down", reason)
+        state.ready = False
+        if engine.failure() is None:
+            engine.kill_processes()     # frozen: it cannot act on SIGTERM; its in-flight requests then fail
+        await asyncio.sleep(ENGINE_FAILURE_DRAIN_S)
+        server.should_exit = True
+        return reason
+    return None
 
 
 async def serve(engine_settings: EngineSettings, settings: ServerSettings) -> None:
@@ -124,14 +151,17 @@ async def serve(engine_settings: EngineSettings, settings: ServerSettings) -> No
         await init_frontend(app.state, engine.llm, vllm_args)
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                                 access_log=False,  # ours is structured, with request ids (api/middleware.py)
+                                http=guarded_protocol(header_timeout=settings.http_header_timeout,
+                                                      body_timeout=settings.http_body_timeout),
+                                h11_max_incomplete_event_size=settings.max_header_bytes,
                                 timeout_graceful_shutdown=int(settings.drain_timeout))
         server = _DrainingServer(config, state)
         logger.warning("steer-serve ready on http://%s:%d (model %s)", settings.host, settings.port,
                        state.served_model_name)
-        watchdog = asyncio.create_task(_exit_when_the_engine_dies(engine, state, server))
+        watchdog = asyncio.create_task(_watch_the_engine(engine, state, server))
         await server.serve()
         if watchdog.done() and watchdog.result():
-            raise SystemExit("steer-serve: the engine died; exiting so that a supervisor restarts the server")
+            raise SystemExit(f"steer-serve: {watchdog.result()}; exiting so that a supervisor restarts the server")
         watchdog.cancel()
     finally:
         engine.shutdown()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -118,6 +119,10 @@ class SteerEngine:
     async def clear_slot(self, slot: int) -> None:
         await self.llm.collective_rpc("steer_clear_slot", args=(slot,))
 
+    def failure(self) -> str | None:
+        """Why the engine core is dead (its processes killed, an OOM kill), else None."""
+        return f"the engine died ({self.llm.dead_error})" if self.llm.errored else None
+
     async def check_health(self, stall_timeout: float) -> None:
         """Raise if the engine is dead, or does not answer a round trip (a utility call, served
         between steps) within ``stall_timeout`` seconds: a frozen engine process."""
@@ -126,6 +131,15 @@ class SteerEngine:
             await asyncio.wait_for(self.llm.is_sleeping(), stall_timeout)
         except TimeoutError:
             raise RuntimeError(f"the engine has not answered for {stall_timeout:g} s") from None
+
+    def kill_processes(self) -> None:
+        """SIGKILL every engine process (core and workers): for a frozen engine, which cannot act on
+        the SIGTERM of a normal shutdown; vLLM then sees the engine dead."""
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
 
     def shutdown(self) -> None:
         self.llm.shutdown()
