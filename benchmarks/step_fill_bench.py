@@ -1,9 +1,9 @@
 """Microbenchmark of the engine's per-step host work: the token → (slot, coef) fill and the per-layer apply.
 
 Fill: ``StepState.prepare`` at 1, 32, 128 and 256 requests (a quarter prefill chunks of 8-96
-tokens, the rest decode tokens; 1-4 columns of every position kind; a fifth unsteered), "before"
-the per-request, per-column loop copied below as the labelled baseline, "after" the vectorised
-fill the engine runs. Both fill the same batch in the same run, with the parsed steering already
+tokens, the rest decode tokens; 1-4 columns of every position kind; a fifth of the requests
+after the first unsteered), "before" the per-request, per-column loop copied below as the
+labelled baseline, "after" the vectorised fill the engine runs. Both fill the same batch in the same run, with the parsed steering already
 cached (the steady state), and must write identical buffers.
 
 Apply: one hooked layer (d=576 fp32, rank 4, 16 slots, 32 decode tokens and a 224-token mixed
@@ -117,7 +117,7 @@ def make_batch(num_requests: int, seed: int = 0):
             computed.append(p + int(rng.integers(0, 64)))
         prompt.append(p)
         columns = int(rng.integers(1, MAX_COLUMNS + 1))
-        steering = None if rng.random() < 0.2 else RequestSteering(
+        steering = None if i and rng.random() < 0.2 else RequestSteering(
             [int(s) for s in rng.integers(1, NUM_SLOTS + 1, size=columns)], [1.0] * columns,
             [str(rng.choice(SPECS)) for _ in range(columns)])
         extra[f"r{i}"] = None if steering is None else steering.to_extra_args()

@@ -162,20 +162,19 @@ class StepState:
         ``live_req_ids`` are all requests the runner still holds (to forget finished ones)."""
         self._forget_finished(live_req_ids)
         self._plan = None
-        num_scheduled = np.asarray(num_scheduled[:len(req_ids)], dtype=np.int64)
-        total = int(num_scheduled.sum())
+        count = len(req_ids)
+        total = int(num_scheduled[:count].sum())
         max_tokens = self.slots.shape[1]
         if total > max_tokens:
             raise RuntimeError(f"step has {total} tokens but steer buffers hold {max_tokens}")
         width = max(total, self._filled_tokens)
         if self._copied is not None:
             self._copied.synchronize()          # the previous step's copy has left the host buffers
-        slots_np, coef_np = self._slots_np, self._coef_np
-        slots_np[:, :width] = 0
-        coef_np[:, :width] = 0.0
-        columns, present = self._fill(self._table_rows(req_ids, extra_args_of), num_scheduled,
-                                      np.asarray(num_computed[:len(req_ids)], dtype=np.int64),
-                                      np.asarray(num_prompt[:len(req_ids)], dtype=np.int64), total)
+        self._slots_np[:, :width] = 0
+        self._coef_np[:, :width] = 0.0
+        rows = self._table_rows(req_ids, extra_args_of)
+        columns, present = (0, []) if not rows.any() else self._fill(
+            rows, *(np.asarray(a[:count], dtype=np.int64) for a in (num_scheduled, num_computed, num_prompt)), total)
         self.num_columns = columns
         self.active_sites = set().union(*(self.slot_sites.get(s, ()) for s in present))
         if columns or self._filled_tokens or self.config.always_active:
@@ -189,8 +188,6 @@ class StepState:
     def _fill(self, rows: np.ndarray, n: np.ndarray, computed: np.ndarray, num_prompt: np.ndarray,
               total: int) -> tuple[int, list[int]]:
         """Write the host buffers' first ``total`` tokens; returns (columns in use, slots present)."""
-        if not rows.any():
-            return 0, []
         t = self._table
         spans = t.spans_of(rows, num_prompt)                           # [columns, requests, 4]
         # cut each request's chunk (offsets 0..n) at its spans: runs off, on, off, on, off
