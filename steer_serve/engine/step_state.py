@@ -38,7 +38,7 @@ class _RequestTable:
 
     Arrays are column-major (``[columns, capacity]``) so a gather for the step's requests is in
     fill order. A request's spans of positions depend on its prompt length only; they are kept
-    with the prompt length they were computed for and recomputed when the engine's differs.
+    with the engine's prompt length they were computed at and recomputed when it differs.
     """
 
     def __init__(self, columns: int, capacity: int = 64):
@@ -47,8 +47,8 @@ class _RequestTable:
         self.kind = np.full((columns, capacity), NO_POSITIONS, dtype=np.int64)
         self.first = np.zeros((columns, capacity), dtype=np.int64)
         self.last = np.zeros((columns, capacity), dtype=np.int64)
-        self.spans = np.zeros((columns, capacity, 4), dtype=np.int64)   # position_spans at spans_prompt
-        self.spans_prompt = np.full(capacity, -1, dtype=np.int64)
+        self.spans = np.zeros((columns, capacity, 4), dtype=np.int64)   # position_spans ...
+        self.spans_prompt = np.full(capacity, -1, dtype=np.int64)       # ... at this engine prompt length
         self.prompt_len = np.full(capacity, -1, dtype=np.int64)         # -1: the engine's prompt length
         self._free = list(range(capacity - 1, 0, -1))
 
@@ -76,12 +76,12 @@ class _RequestTable:
 
     def spans_of(self, rows: np.ndarray, engine_prompt: np.ndarray) -> np.ndarray:
         """``[columns, requests, 4]`` spans of positions of ``rows`` (fresh arrays)."""
-        prompt = np.where(self.prompt_len[rows] >= 0, self.prompt_len[rows], engine_prompt)
-        stale = (self.spans_prompt[rows] != prompt) & (rows != 0)      # entry 0's spans stay empty
+        stale = (self.spans_prompt[rows] != engine_prompt) & (rows != 0)   # entry 0's spans stay empty
         if stale.any():
-            todo, todo_prompt = rows[stale], prompt[stale]
+            todo, todo_prompt = rows[stale], engine_prompt[stale]
+            override = self.prompt_len[todo]
             self.spans[:, todo] = position_spans(self.kind[:, todo], self.first[:, todo], self.last[:, todo],
-                                                 todo_prompt)
+                                                 np.where(override >= 0, override, todo_prompt))
             self.spans_prompt[todo] = todo_prompt
         return self.spans[:, rows]
 
@@ -206,4 +206,4 @@ class StepState:
         slot, runs = t.slot[:m, rows], runs[:m].ravel()
         self._slots_np[:m, :total] = np.repeat((slot[..., None] * _ON).ravel(), runs).reshape(m, total)
         self._coef_np[:m, :total] = np.repeat((t.scale[:m, rows, None] * _ON_SCALE).ravel(), runs).reshape(m, total)
-        return m, np.unique(slot[hit[:m]]).tolist()
+        return m, np.flatnonzero(np.bincount(slot[hit[:m]])).tolist()
