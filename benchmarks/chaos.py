@@ -68,7 +68,7 @@ class Traffic:
         rng = random.Random(seed)
         with httpx.Client(base_url=self.url, timeout=120) as client:
             while not self.stop.is_set():
-                key = rng.choice(sorted(self.solo))
+                key = rng.choice(list(self.solo))
                 stream = rng.random() < 0.5
                 try:
                     text = _complete(client, *key, stream=stream)

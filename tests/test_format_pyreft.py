@@ -85,7 +85,9 @@ def test_multilayer_config():
     assert iv.positions == "f1+l1"
     assert [(e.placement.layer, e.placement.component) for e in iv.edits] == \
         list(zip(expected["layers"], expected["components"]))
-    assert [get_family(e.family).validate(e.params, e.config, iv.hidden_size).rank for e in iv.edits] == expected["ranks"]
+    for e in iv.edits:
+        get_family(e.family).validate(e.params, e.config, iv.hidden_size)
+    assert [e.params["rotate_layer"].shape[-1] for e in iv.edits] == expected["ranks"]
     for edit in iv.edits:
         prefix = f"{edit.placement.layer}."
         assert_params_equal(edit.params, {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)})

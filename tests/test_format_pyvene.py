@@ -102,3 +102,50 @@ def test_unservable_component(tmp_path):
     with pytest.raises(InterventionFormatError, match="attention_weight") as exc:
         read_pyvene_dir(d)
     assert exc.value.code == "unsupported_component"
+
+
+def test_a_new_family_is_one_declaration_the_reader_needs_no_change(tmp_path, monkeypatch):
+    """A family declares its library class and saved layout; the generic reader then reads a save dir
+    of it (here a made-up ``ShiftIntervention`` saving ``shift``), unused entries go to ``check_saved``."""
+    import json
+
+    from steer_serve import interventions
+    from steer_serve.interventions.base import LowRankEdit
+    from steer_serve.interventions.family import Family, Saved, expect_shape, f32
+
+    class Shift(Family):
+        name = "shift_test"
+        required = ("vector",)
+        library_classes = ("ShiftIntervention",)
+        saved = {"vector": Saved(("shift",))}
+        saved_unused = ("seen",)
+
+        def check(self, params, config, width):
+            expect_shape(self.name, params, "vector", (width,))
+
+        def check_saved(self, unused, params):
+            if "seen" in unused and int(unused["seen"].sum()) != 1:
+                raise ValueError("seen must hold one count")
+
+        def forward(self, h, params, config):
+            return h + params["vector"]
+
+        def lowrank(self, params, config):
+            return LowRankEdit(v=f32(params["vector"]))
+
+    family = Shift()
+    monkeypatch.setitem(interventions.FAMILIES, family.name, family)
+    monkeypatch.setitem(interventions.LIBRARY_CLASSES, "ShiftIntervention", family)
+    key = "layer_2_comp_block_output_unit_pos_nunit_1#0"
+    (tmp_path / "config.json").write_text(json.dumps({
+        "representations": [[2, "block_output", "pos", 1, None]],
+        "intervention_types": ["<class 'my_lab.ShiftIntervention'>"], "sorted_keys": [key]}))
+    vector = torch.randn(16)
+    torch.save({"shift": vector, "seen": torch.ones(1)}, tmp_path / f"intkey_{key}.bin")
+    iv = read_pyvene_dir(tmp_path, hidden_size=16)
+    (edit,) = iv.edits
+    assert edit.family == "shift_test" and edit.placement == Placement(2, "block_output")
+    assert torch.equal(edit.params["vector"], vector)
+    torch.save({"shift": vector, "seen": torch.zeros(1)}, tmp_path / f"intkey_{key}.bin")
+    with pytest.raises(InterventionFormatError, match="seen must hold one count"):
+        read_pyvene_dir(tmp_path, hidden_size=16)

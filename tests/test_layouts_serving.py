@@ -107,7 +107,7 @@ def test_registry_gives_each_half_a_slot_and_evicts_them_together():
             await registry.acquire([("split", None, None)] * 3)
         await registry.register("one", random_loreft(1), source="one", format="native")
         lease = await registry.acquire([("one", None, None)])
-        assert split.slot is None and not registry.slot_owner.keys() - {lease.steering.slots[0]}
+        assert split.slot is None and not registry.slots.owner.keys() - {lease.steering.slots[0]}
         await registry.release(lease)
         lease = await registry.acquire([("split", None, "l1")])
         assert lease.steering.positions == ["l1", "l1"] and registry.occupancy()["loaded"] == 2

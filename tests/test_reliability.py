@@ -617,13 +617,13 @@ async def test_force_delete_serves_the_requests_already_waiting_for_a_slot():
     await asyncio.sleep(0.05)
     with pytest.raises(RegistryError) as refused:
         await registry.acquire([("c", None, None)])
-    assert refused.value.status == 404
+    assert refused.value.code == "intervention_not_found"
     await registry.release(held[0])
     lease = await asyncio.wait_for(waiting, 5)            # served, not 404
     assert lease.steering.slots and not deleting.done()
     await registry.release(lease)
     await asyncio.wait_for(deleting, 5)
-    assert "c" not in registry.entries and all(owner != "c" for owner in registry.slot_owner.values())
+    assert "c" not in registry.entries and all(owner.id != "c" for owner in registry.slots.owner.values())
     await registry.release(held[1])
 
 

@@ -94,7 +94,7 @@ class AppState:
             self.handlers = dict(GENERATION_HANDLERS)
         self.limiter = self.limiter or Limiter(self.max_concurrent_requests, self.max_concurrent_sequences,
                                                self.max_sequences_per_request)
-        self.registry.on_load = self.metrics.load_latency.observe
+        self.registry.slots.on_load = self.metrics.load_latency.observe
 
     def engine_failure(self) -> str | None:
         """Why the engine cannot serve (dead, or frozen past ``--engine-stall-timeout``), else None."""

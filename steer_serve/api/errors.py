@@ -16,6 +16,8 @@ logger = logging.getLogger(__name__)
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 409: "conflict_error", 413: "request_too_large", 422: "invalid_request_error",
           408: "invalid_request_error", 429: "rate_limit_error", 431: "request_too_large", 503: "service_unavailable"}
+#: HTTP status of each registry error code (400 for the rest)
+_REGISTRY_STATUS = {"intervention_not_found": 404, "conflict": 409, "registry_write_failed": 500}
 _CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
@@ -82,8 +84,9 @@ def install_error_handlers(app: FastAPI, on_error=lambda status: None) -> None:
 
     @app.exception_handler(RegistryError)
     async def _registry_error(request: Request, exc: RegistryError):
-        on_error(exc.status)
-        return error_response(exc.status, str(exc), code=exc.code, param=exc.param)
+        status = _REGISTRY_STATUS.get(exc.code, 400)
+        on_error(status)
+        return error_response(status, str(exc), code=exc.code, param=exc.param)
 
     @app.exception_handler(InterventionFormatError)
     async def _format_error(request: Request, exc: InterventionFormatError):

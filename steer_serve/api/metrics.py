@@ -21,10 +21,10 @@ class _InterventionsInfo:
         family = GaugeMetricFamily("steer:intervention_requests_info", "Interventions running and loaded",
                                    labels=["running_interventions", "loaded_interventions", "max_interventions"])
         if self.registry_state is not None:
-            entries = [e for e in self.registry_state.entries.values() if not e.adapter]
+            entries = [e for e in self.registry_state.entries.values() if e.kind == "intervention"]
             running = ",".join(sorted(e.id for e in entries if e.refcount > 0))
             loaded = ",".join(sorted(e.id for e in entries if e.slot is not None))
-            family.add_metric([running, loaded, str(self.registry_state.num_slots)], time.time())
+            family.add_metric([running, loaded, str(self.registry_state.geometry.num_slots)], time.time())
         yield family
 
 

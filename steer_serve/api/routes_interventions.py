@@ -14,7 +14,7 @@ from steer_serve.api import openapi_docs as docs
 from steer_serve.api.auth import require_admin_key, require_api_key
 from steer_serve.api.errors import APIError
 from steer_serve.api.schemas import InterventionCreate, InterventionPatch
-from steer_serve.formats import describe_intervention, load_intervention, locate_source
+from steer_serve.formats import load_intervention, locate_source
 from steer_serve.formats.adapters import adapter_format, load_weight_adapter
 from steer_serve.formats.native import read_native
 from steer_serve.formats.validation import validate_intervention
@@ -25,8 +25,8 @@ _ONE = docs.ok(docs.InterventionObject, docs.INTERVENTION_EXAMPLE)
 
 def describe_entry(state, entry) -> dict:
     """What GET returns for one intervention (or weight-space adapter: ``kind`` says which)."""
-    details = entry.adapter.describe() if entry.adapter else describe_intervention(entry.intervention)
-    status = "adapter" if entry.adapter else ("loaded" if entry.slot is not None else "cached")
+    details = entry.details()
+    status = entry.status()
     return {**details, "id": entry.id, "object": "intervention", "kind": entry.kind, "created": entry.created,
             "source": entry.source, "format": entry.format, "base_model": state.served_model_name,
             "trained_on": details.get("base_model"), "status": status, "slot": entry.slot,
@@ -34,13 +34,14 @@ def describe_entry(state, entry) -> dict:
 
 
 def _limits(state) -> dict:
-    return {"hidden_size": state.registry.hidden_size, "num_layers": state.registry.num_layers,
-            "max_rank": state.registry.max_rank, "max_placements": state.max_placements}
+    geometry = state.registry.geometry
+    return {"hidden_size": geometry.hidden_size, "num_layers": geometry.num_layers,
+            "max_rank": geometry.max_rank, "max_placements": state.max_placements}
 
 
 def _reader_hints(state) -> dict:
     """Base-model facts the pyreft/pyvene readers need: each component's width and head count."""
-    return {"widths": state.registry.widths, "heads": state.registry.heads}
+    return {"widths": state.registry.geometry.widths, "heads": state.registry.geometry.heads}
 
 
 @router.post("", status_code=201, dependencies=[Depends(require_admin_key)],
@@ -85,7 +86,7 @@ async def create_intervention(request: Request):
                                               base_model_dir=state.model_path, max_rank=state.registry.max_lora_rank)
             entry = await state.registry.register_adapter(body.id, adapter, source=body.source, replace=body.replace)
             return JSONResponse(describe_entry(state, entry), status_code=201)
-        state.registry.require_interventions()
+        state.registry.geometry.require_interventions()
         iv = await asyncio.to_thread(
             load_intervention, body.source, format=body.format, allowed_dirs=state.allowed_dirs,
             positions=body.positions, act_fn=body.act_fn, scale=body.scale, allow_hub=state.allow_hub,
@@ -119,7 +120,7 @@ async def _from_upload(request: Request, state):
         iv.positions = body.positions
     if body.scale is not None:
         iv.scale = body.scale
-    state.registry.require_interventions()
+    state.registry.geometry.require_interventions()
     iv = validate_intervention(iv, **_limits(state))
     return body, iv, "upload", "native"
 

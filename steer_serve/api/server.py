@@ -64,9 +64,9 @@ async def build_state(engine: SteerEngine, settings: ServerSettings) -> AppState
         logger.warning("restored %d intervention(s) from %s: %s", len(restored), persist, ", ".join(restored))
     for name, source in settings.preload.items():
         iv = await asyncio.to_thread(load_intervention, source, allowed_dirs=None, positions=settings.preload_positions,
-                                     hidden_size=registry.hidden_size or None,
-                                     num_layers=registry.num_layers or None, widths=registry.widths,
-                                     heads=registry.heads)
+                                     hidden_size=registry.geometry.hidden_size or None,
+                                     num_layers=registry.geometry.num_layers or None,
+                                     widths=registry.geometry.widths, heads=registry.geometry.heads)
         await registry.register(name, iv, source=source, format=iv.source_format, replace=True)
     model_config = engine.llm.model_config
     return AppState(

@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..interventions import get_family
 from ..interventions.base import Intervention
 from .errors import InterventionFormatError
 from .hub import download_from_hub, looks_like_hub_id, split_hub_id
 from .native import CONFIG_FILE as NATIVE_CONFIG, dtype_name, read_native
 from .pyreft import read_pyreft_dir
-from .pyvene import ACT_FAMILIES, read_pyvene_dir
+from .pyvene import read_pyvene_dir
 from .sources import read_json, resolve_local_source
 from .validation import MAX_PLACEMENTS, MAX_RANK, validate_intervention
 
@@ -96,7 +97,7 @@ def _read(directory: Path, fmt: str, positions, act_fn, hidden_size, head, num_h
         iv = read_native(directory)
         if act_fn is not None:
             for edit in iv.edits:
-                if edit.family in ACT_FAMILIES:
+                if "act_fn" in get_family(edit.family).saved_config:
                     edit.config["act_fn"] = act_fn
         return iv
     if fmt == "pyreft":

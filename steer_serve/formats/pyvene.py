@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from ..interventions import edit_config, get_family
+from ..interventions import LIBRARY_CLASSES, edit_config, get_family
+from ..interventions.family import Family
 from ..interventions.base import COMPONENTS, HEAD_COMPONENTS, RESIDUAL_COMPONENTS, Edit, Intervention, Placement
 from .errors import InterventionFormatError
 from .module_paths import is_module_path, resolve_module_path
@@ -44,25 +45,6 @@ _NEW_KEY = re.compile(r"^layer_(?P<layer>\d+)_comp_(?P<comp>.+?)_unit_(?P<unit>.
 _OLD_KEY = re.compile(r"^layer\.(?P<layer>\d+)\.comp\.(?P<comp>.+?)\.unit\.(?P<unit>.+)\.nunit\.(?P<n>\d+)#(?P<i>\d+)$")
 _REPR_FIELDS = ("layer", "component", "unit", "max_number_of_units", "low_rank_dimension")
 
-#: Library class name -> steer-serve family.
-CLASS_FAMILIES = {
-    "LoreftIntervention": "loreft",
-    "NoreftIntervention": "noreft",
-    "DireftIntervention": "direft",
-    "NodireftIntervention": "nodireft",
-    "ConsreftIntervention": "consreft",
-    "LobireftIntervention": "lobireft",
-    "AdditionIntervention": "addition",
-    "SubtractionIntervention": "subtraction",
-    "ZeroIntervention": "zero",
-    "RotatedSpaceIntervention": "rotated_space",
-    "LowRankRotatedSpaceIntervention": "low_rank_rotated_space",
-    "BoundlessRotatedSpaceIntervention": "boundless_rotated_space",
-    "SigmoidMaskIntervention": "sigmoid_mask",
-    "SigmoidMaskRotatedSpaceIntervention": "sigmoid_mask_rotated_space",
-}
-#: pyreft families whose ``act_fn`` the directory does not record.
-ACT_FAMILIES = ("loreft", "noreft", "direft", "nodireft")
 #: State-dict entries that describe, rather than parametrize, an intervention.
 _BOOKKEEPING = ("embed_dim", "interchange_dim")
 
@@ -112,17 +94,17 @@ def resolve_orthogonal(original: torch.Tensor, base: torch.Tensor) -> torch.Tens
         return holder.weight.detach().clone()
 
 
-def _rotate(sd: dict, where: str) -> torch.Tensor:
-    """``rotate_layer``'s weight from any of the ways pyreft/pyvene save it (entries are popped)."""
-    if "rotate_layer" in sd:  # LoReFT's own state_dict: already resolved
-        return sd.pop("rotate_layer")
-    if "rotate_layer.weight" in sd:  # an unparametrized layer
-        return sd.pop("rotate_layer.weight")
-    original = sd.pop("rotate_layer.parametrizations.weight.original", None)
-    base = sd.pop("rotate_layer.parametrizations.weight.0.base", None)
+def _rotate(sd: dict, name: str, where: str) -> torch.Tensor:
+    """``name``'s weight from any of the ways pyreft/pyvene save a rotation (entries are popped)."""
+    if name in sd:  # LoReFT's own state_dict: already resolved
+        return sd.pop(name)
+    if f"{name}.weight" in sd:  # an unparametrized layer
+        return sd.pop(f"{name}.weight")
+    original = sd.pop(f"{name}.parametrizations.weight.original", None)
+    base = sd.pop(f"{name}.parametrizations.weight.0.base", None)
     if original is None or base is None:
-        _fail(f"{where}: no rotate_layer weight (expected 'rotate_layer' or the orthogonal parametrization's "
-              "'rotate_layer.parametrizations.weight.original' and '...weight.0.base')", param=where)
+        _fail(f"{where}: no {name} weight (expected {name!r} or the orthogonal parametrization's "
+              f"'{name}.parametrizations.weight.original' and '...weight.0.base')", param=where)
     n = max(original.shape, default=0)
     if original.ndim != 2 or tuple(base.shape) != (n, n) or not original.is_floating_point():
         _fail(f"{where}: orthogonal parametrization shapes {list(original.shape)} / base {list(base.shape)} "
@@ -131,14 +113,6 @@ def _rotate(sd: dict, where: str) -> torch.Tensor:
         return resolve_orthogonal(original, base)
     except (RuntimeError, TypeError, ValueError) as exc:
         _fail(f"{where}: cannot resolve the orthogonal parametrization: {exc}", param=where)
-
-
-def _pop(sd: dict, name: str, where: str, *, optional: bool = False) -> torch.Tensor | None:
-    if name not in sd:
-        if optional:
-            return None
-        _fail(f"{where}: missing tensor {name!r} (found {sorted(sd)})", param=where)
-    return sd.pop(name)
 
 
 def _vector(t: torch.Tensor, where: str) -> torch.Tensor:
@@ -151,45 +125,31 @@ def _vector(t: torch.Tensor, where: str) -> torch.Tensor:
     return t
 
 
-def _params(family: str, sd: dict, where: str, source: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Map a state dict onto the family's parameter names; entries used are removed from ``sd``."""
-    p: dict[str, torch.Tensor] = {}
-    if family in ("loreft", "direft", "consreft", "lobireft", "rotated_space", "low_rank_rotated_space",
-                  "boundless_rotated_space", "sigmoid_mask_rotated_space"):
-        p["rotate_layer"] = _rotate(sd, where)
-    if family in ("loreft", "direft", "noreft", "nodireft"):
-        plain = family == "loreft" and "weight" in sd  # LoReFT's own state_dict drops the prefix
-        p["weight"] = _pop(sd, "weight" if plain else "learned_source.weight", where)
-        p["bias"] = _pop(sd, "bias" if plain else "learned_source.bias", where)
-    if family in ("noreft", "nodireft"):
-        p["proj_weight"] = _pop(sd, "proj_layer.weight", where)
-        proj_bias = _pop(sd, "proj_layer.bias", where, optional=True)
-        if family == "noreft" and proj_bias is not None:
-            p["proj_bias"] = proj_bias  # NodiReFT's forward never reads proj_layer.bias
-    if family in ("consreft", "lobireft"):
-        p["learned_source"] = _pop(sd, "learned_source", where)
-    if family == "boundless_rotated_space":
-        p["intervention_boundaries"] = _pop(sd, "intervention_boundaries", where)
-        p["temperature"] = _pop(sd, "temperature", where)
-        population = _pop(sd, "intervention_population", where, optional=True)
-        width = p["rotate_layer"].shape[0]
-        if population is not None and not torch.equal(population.long(), torch.arange(width)):
-            _fail(f"{where}: intervention_population is not arange({width}) as pyvene builds it", param=where)
-    if family == "sigmoid_mask":
-        p["mask"] = _pop(sd, "mask", where)
-        p["temperature"] = _pop(sd, "temperature", where)
-    if family == "sigmoid_mask_rotated_space":
-        p["masks"] = _pop(sd, "masks", where)
-        p["temperature"] = _pop(sd, "temperature", where)
-    if family in ("addition", "subtraction", "rotated_space", "low_rank_rotated_space", "boundless_rotated_space",
-                  "sigmoid_mask", "sigmoid_mask_rotated_space"):
-        stored = sd.pop("source_representation", None)
-        if stored is None and source is None:
-            _fail(f"{where}: a {family} intervention needs a source representation and none is stored in the "
-                  "directory; pass source= (a [hidden] tensor) to the reader", param=where,
-                  code="missing_source_representation")
-        p["source"] = _vector(stored if stored is not None else source, where)
-    return p
+def _params(family: Family, sd: dict, where: str, source: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Map a state dict onto the family's parameter names, as the family declares (``Family.saved``);
+    entries used are removed from ``sd``."""
+    params: dict[str, torch.Tensor] = {}
+    for name, saved in family.saved.items():
+        key = next((k for k in saved.keys if k in sd), None)
+        if saved.kind == "rotation":
+            params[name] = _rotate(sd, saved.keys[0], where)
+        elif saved.kind == "source":
+            stored = sd.pop(key) if key else source
+            if stored is None:
+                _fail(f"{where}: a {family.name} intervention needs a source representation and none is stored in "
+                      "the directory; pass source= (a [hidden] tensor) to the reader", param=where,
+                      code="missing_source_representation")
+            params[name] = _vector(stored, where)
+        elif key is not None:
+            params[name] = sd.pop(key)
+        elif not saved.optional:
+            _fail(f"{where}: missing tensor {saved.keys[0]!r} (found {sorted(sd)})", param=where)
+    unused = {k: sd.pop(k) for k in family.saved_unused if k in sd}
+    try:
+        family.check_saved(unused, params)
+    except ValueError as exc:
+        _fail(f"{where}: {exc}", param=where)
+    return params
 
 
 def _representations(cfg: dict) -> list[dict]:
@@ -206,12 +166,12 @@ def _representations(cfg: dict) -> list[dict]:
     return out
 
 
-def _intervention_class(type_str, i: int) -> str:
+def _family_of(type_str, i: int) -> Family:
     name = str(type_str).replace("<class '", "").replace("'>", "").rsplit(".", 1)[-1]
-    if name not in CLASS_FAMILIES:
+    if name not in LIBRARY_CLASSES:
         _fail(f"intervention {i} is a {name!r}, which steer-serve cannot serve; supported: "
-              f"{', '.join(CLASS_FAMILIES)}", param=f"intervention_types[{i}]", code="unsupported_family")
-    return name
+              f"{', '.join(LIBRARY_CLASSES)}", param=f"intervention_types[{i}]", code="unsupported_family")
+    return LIBRARY_CLASSES[name]
 
 
 def _candidate_keys(rep: dict, counters: dict) -> list[str]:
@@ -247,10 +207,11 @@ def read_intervention_dir(path: str | os.PathLike, *, source_format: str, positi
     counters: dict = {}
     edits, edit_widths = [], []
     for i, (rep, type_str) in enumerate(zip(reps, types)):
-        family = CLASS_FAMILIES[_intervention_class(type_str, i)]
+        fam = _family_of(type_str, i)
+        family = fam.name
         keys = ([sorted_keys[i]] if i < len(sorted_keys) else []) + _candidate_keys(rep, counters)
         found = next((k for k in keys if _plain_key(k) and (directory / f"intkey_{k}.bin").is_file()), None)
-        if found is None and family != "zero":
+        if found is None and fam.saved:
             _fail(f"missing weights of intervention {i} ({family}): none of "
                   f"{', '.join(f'intkey_{k}.bin' for k in dict.fromkeys(keys))}", param=f"intkey_{keys[0]}.bin",
                   code="missing_file")
@@ -265,7 +226,7 @@ def read_intervention_dir(path: str | os.PathLike, *, source_format: str, positi
             _fail(f"{where}: component {component!r} is not servable; supported: {', '.join(COMPONENTS)} "
                   f"(and head_ forms of {', '.join(HEAD_COMPONENTS)})", param=where, code="unsupported_component")
         model_width = (widths or {}).get(base, hidden_size)
-        params = _params(family, sd, where, source)
+        params = _params(fam, sd, where, source)
         embed_dim = sd.pop("embed_dim", None)
         leftover = sorted(str(k) for k in sd if k not in _BOOKKEEPING)
         if leftover:
@@ -273,15 +234,15 @@ def read_intervention_dir(path: str | os.PathLike, *, source_format: str, positi
         model_heads = (heads or {}).get(base, num_heads)
         width = _width(params, embed_dim, model_width, component, model_heads, where)
         config: dict = {}
-        if family in ACT_FAMILIES and act_fn:
+        if "act_fn" in fam.saved_config and act_fn:
             config["act_fn"] = act_fn
-        if family in ("addition", "subtraction", "zero", "rotated_space") and i < len(dims) and dims[i] is not None:
+        if "interchange_dim" in fam.saved_config and i < len(dims) and dims[i] is not None:
             if not isinstance(dims[i], int):
                 _fail(f"intervention_dimensions[{i}] = {dims[i]!r}: only an integer interchange_dim can be served",
                       param="config.json")
             if dims[i] != width:
                 config["interchange_dim"] = dims[i]
-        if family == "zero":
+        if "width" in fam.saved_config:
             config["width"] = width
         component_width, placement_head = width, None
         if component.startswith("head_"):

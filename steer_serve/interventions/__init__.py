@@ -1,31 +1,32 @@
 """Intervention families: the registry, and the two reference forwards every test compares.
 
-Adding a family = one new module defining ``FAMILY`` (a :class:`~.family.Family`) + its name in
-``_FAMILY_MODULES``.
+Adding a family = one new module in this package defining ``FAMILY`` (a :class:`~.family.Family`,
+with its library classes and saved layout declared on it); it is found by scanning the package.
 """
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 import torch
 
 from .base import Edit, Intervention, LowRankEdit, Placement
 from .family import Family, activation
 
-_FAMILY_MODULES = (
-    # pyreft
-    "loreft", "noreft", "direft", "nodireft", "consreft", "lobireft",
-    # pyvene
-    "addition", "subtraction", "zero", "rotated_space", "low_rank_rotated_space",
-    "boundless_rotated_space", "sigmoid_mask", "sigmoid_mask_rotated_space",
-    # plain
-    "steering_vector",
-)
+
+def _discover() -> dict[str, Family]:
+    families = {}
+    for module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        family = getattr(importlib.import_module(f".{module.name}", __name__), "FAMILY", None)
+        if isinstance(family, Family):
+            families[family.name] = family
+    return families
+
 
 #: Family name -> family object.
-FAMILIES: dict[str, Family] = {
-    fam.name: fam for fam in (importlib.import_module(f".{m}", __name__).FAMILY for m in _FAMILY_MODULES)
-}
+FAMILIES: dict[str, Family] = _discover()
+#: pyvene/pyreft class name -> family (what a save directory's ``intervention_types`` name).
+LIBRARY_CLASSES: dict[str, Family] = {cls: fam for fam in FAMILIES.values() for cls in fam.library_classes}
 
 
 def get_family(name: str) -> Family:

@@ -6,28 +6,23 @@ ITI head shifts are saved by pyvene.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .base import LowRankEdit
-from .family import Family, expect_shape, f32, interchange_dim
-
-
-@dataclass(frozen=True)
-class AdditionSpec:
-    width: int
-    interchange_dim: int
+from .family import SOURCE, Family, expect_shape, f32, interchange_dim
 
 
 class Addition(Family):
     name = "addition"
     required = ("source",)
+    library_classes = ("AdditionIntervention",)
+    saved = {"source": SOURCE}
+    saved_config = ("interchange_dim",)
     sign = 1.0
 
     def check(self, params, config, width):
         expect_shape(self.name, params, "source", (width,))
-        return AdditionSpec(width, interchange_dim(self.name, config, width))
+        interchange_dim(self.name, config, width)
 
     def forward(self, h, params, config):
         k = interchange_dim(self.name, config, h.shape[-1])

@@ -10,17 +10,10 @@ to float precision): ``z = 1`` drops h, ``W = (R diag(1 − m))ᵀ``, ``b = (s R
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .base import LowRankEdit
-from .family import Family, expect_shape, f32
-
-
-@dataclass(frozen=True)
-class BoundlessRotatedSpaceSpec:
-    width: int
+from .family import ROTATION, SOURCE, Family, Saved, expect_shape, f32
 
 
 def boundary_mask(params: dict[str, torch.Tensor], width: int) -> torch.Tensor:
@@ -35,13 +28,26 @@ def boundary_mask(params: dict[str, torch.Tensor], width: int) -> torch.Tensor:
 class BoundlessRotatedSpace(Family):
     name = "boundless_rotated_space"
     required = ("rotate_layer", "source", "intervention_boundaries", "temperature")
+    library_classes = ("BoundlessRotatedSpaceIntervention",)
+    saved = {
+        "rotate_layer": ROTATION,
+        "source": SOURCE,
+        "intervention_boundaries": Saved(("intervention_boundaries",)),
+        "temperature": Saved(("temperature",)),
+    }
+    saved_unused = ("intervention_population",)
 
     def check(self, params, config, width):
         expect_shape(self.name, params, "rotate_layer", (width, width))
         expect_shape(self.name, params, "source", (width,))
         expect_shape(self.name, params, "intervention_boundaries", (1,))
         expect_shape(self.name, params, "temperature", ())
-        return BoundlessRotatedSpaceSpec(width)
+
+    def check_saved(self, unused, params):
+        population = unused.get("intervention_population")
+        width = params["rotate_layer"].shape[0]
+        if population is not None and not torch.equal(population.long(), torch.arange(width)):
+            raise ValueError(f"intervention_population is not arange({width}) as pyvene builds it")
 
     def forward(self, h, params, config):
         R = params["rotate_layer"]

@@ -4,29 +4,22 @@ Parameters: ``rotate_layer`` R d×r and ``learned_source`` c r. No activation, n
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .base import LowRankEdit
-from .family import Family, expect_shape, f32
-
-
-@dataclass(frozen=True)
-class ConsReFTSpec:
-    width: int
-    rank: int
+from .family import ROTATION, Family, Saved, expect_shape, f32
 
 
 class ConsReFT(Family):
     name = "consreft"
     required = ("rotate_layer", "learned_source")
+    library_classes = ("ConsreftIntervention",)
+    saved = {"rotate_layer": ROTATION, "learned_source": Saved(("learned_source",))}
 
     def check(self, params, config, width):
         rank = params["rotate_layer"].shape[-1]
         expect_shape(self.name, params, "rotate_layer", (width, rank))
         expect_shape(self.name, params, "learned_source", (rank,))
-        return ConsReFTSpec(width, rank)
 
     def forward(self, h, params, config):
         R = params["rotate_layer"]

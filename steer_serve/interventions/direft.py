@@ -11,13 +11,11 @@ import torch.nn.functional as F
 
 from .base import LowRankEdit
 from .family import act_name, activation, f32
-from .loreft import LoReFT, LoReFTSpec
-
-DiReFTSpec = LoReFTSpec  # same shapes and hyper-parameters as LoReFT
-
+from .loreft import LoReFT
 
 class DiReFT(LoReFT):
     name = "direft"
+    library_classes = ("DireftIntervention",)
 
     def forward(self, h, params, config):
         R, W, b = params["rotate_layer"], params["weight"], params["bias"]

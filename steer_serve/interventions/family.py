@@ -12,8 +12,14 @@ hyper-parameters). Two config keys are understood by every family:
   returns full-width tensors with zeros outside the head's columns.
 
 Everything else (``act_fn``, ``interchange_dim``, ``scale``, ...) is family specific.
+
+A family also declares how the library that trains it saves it (``library_classes``, ``saved``,
+``saved_unused``, ``saved_config``), so the pyvene/pyreft reader is generic and a new family is one
+module.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -46,20 +52,48 @@ def activation(name: str):
     return _ACT[act_name({"act_fn": name})]
 
 
+@dataclass(frozen=True)
+class Saved:
+    """Where one parameter lives in the library's saved state dict (``intkey_*.bin``): the first of
+    ``keys`` present. ``kind`` ``rotation``: an orthogonally parametrized ``rotate_layer`` (the reader
+    resolves the parametrization); ``source``: pyvene's stored source representation, one vector (or
+    the reader's ``source=`` when none is stored)."""
+
+    keys: tuple[str, ...]
+    optional: bool = False
+    kind: str = "tensor"     # "tensor" | "rotation" | "source"
+
+
+#: The two entries shared by many families.
+ROTATION = Saved(("rotate_layer",), kind="rotation")
+SOURCE = Saved(("source_representation",), kind="source")
+
+
 class Family:
     """One intervention family. Subclasses set ``name`` (and ``required``/``optional`` parameter
-    names) and implement :meth:`check` (returns the family's frozen spec dataclass),
-    :meth:`forward` and :meth:`lowrank` on the edit's own width.
+    names) and implement :meth:`check`, :meth:`forward` and :meth:`lowrank` on the edit's own width.
     """
 
     name: str = ""
     #: Parameter names the family requires and those it also accepts.
     required: tuple[str, ...] = ()
     optional: tuple[str, ...] = ()
+    #: The pyvene/pyreft class names saved as this family.
+    library_classes: tuple[str, ...] = ()
+    #: Parameter name -> where the library's saved state dict holds it.
+    saved: dict[str, Saved] = {}
+    #: Saved entries the family does not use (given to :meth:`check_saved`, then dropped).
+    saved_unused: tuple[str, ...] = ()
+    #: Config the reader fills from the save: ``act_fn`` (pyreft does not store it: the caller says
+    #: it), ``interchange_dim`` (pyvene's ``intervention_dimensions``), ``width`` (no tensor tells it).
+    saved_config: tuple[str, ...] = ()
 
-    def check(self, params: dict[str, torch.Tensor], config: dict, width: int):
-        """Validate shapes/hyper-parameters for an edit of ``width`` columns; return the spec."""
+    def check(self, params: dict[str, torch.Tensor], config: dict, width: int) -> None:
+        """Validate shapes/hyper-parameters for an edit of ``width`` columns (ValueError if wrong)."""
         raise NotImplementedError
+
+    def check_saved(self, unused: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> None:
+        """Validate the saved entries listed in ``saved_unused`` (ValueError if they change the math)."""
 
     def forward(self, h: torch.Tensor, params: dict[str, torch.Tensor], config: dict) -> torch.Tensor:
         """The library's forward over ``[tokens, width]``."""
@@ -71,8 +105,8 @@ class Family:
 
     # -- public API ---------------------------------------------------------------------------
 
-    def validate(self, params: dict[str, torch.Tensor], config: dict, hidden_size: int):
-        """Check ``params``/``config`` for a component of ``hidden_size`` columns; return the spec.
+    def validate(self, params: dict[str, torch.Tensor], config: dict, hidden_size: int) -> None:
+        """Check ``params``/``config`` for a component of ``hidden_size`` columns.
 
         Raises ValueError naming the family and the offending parameter.
         """
@@ -96,7 +130,7 @@ class Family:
                 raise ValueError(f"{self.name}: head_dim {head_dim} x num_heads {num_heads} != component width "
                                  f"{hidden_size}")
             width = head_dim
-        return self.check(params, config, width)
+        self.check(params, config, width)
 
     def apply(self, h: torch.Tensor, params: dict[str, torch.Tensor], config: dict) -> torch.Tensor:
         """Reference forward over ``[tokens, hidden]`` (per-head edits act on their head's columns)."""

@@ -5,29 +5,22 @@ so its low-rank form is rank 0 (``v = c Rᵀ``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .base import LowRankEdit
-from .family import Family, expect_shape, f32
-
-
-@dataclass(frozen=True)
-class LobiReFTSpec:
-    width: int
-    rank: int
+from .family import ROTATION, Family, Saved, expect_shape, f32
 
 
 class LobiReFT(Family):
     name = "lobireft"
     required = ("rotate_layer", "learned_source")
+    library_classes = ("LobireftIntervention",)
+    saved = {"rotate_layer": ROTATION, "learned_source": Saved(("learned_source",))}
 
     def check(self, params, config, width):
         rank = params["rotate_layer"].shape[-1]
         expect_shape(self.name, params, "rotate_layer", (width, rank))
         expect_shape(self.name, params, "learned_source", (rank,))
-        return LobiReFTSpec(width, rank)
 
     def forward(self, h, params, config):
         out = h + torch.matmul(params["learned_source"], params["rotate_layer"].T)

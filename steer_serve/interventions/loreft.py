@@ -6,32 +6,30 @@ linear, as pyreft). Dropout is the identity at inference.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from .base import LowRankEdit
-from .family import Family, act_name, activation, expect_shape, f32
-
-
-@dataclass(frozen=True)
-class LoReFTSpec:
-    width: int
-    rank: int
-    act_fn: str = "linear"
+from .family import ROTATION, Family, Saved, act_name, activation, expect_shape, f32
 
 
 class LoReFT(Family):
     name = "loreft"
     required = ("rotate_layer", "weight", "bias")
+    library_classes = ("LoreftIntervention",)
+    saved = {
+        "rotate_layer": ROTATION,
+        "weight": Saved(("learned_source.weight", "weight")),
+        "bias": Saved(("learned_source.bias", "bias")),
+    }
+    saved_config = ("act_fn",)
 
     def check(self, params, config, width):
         rank = params["rotate_layer"].shape[-1]
         expect_shape(self.name, params, "rotate_layer", (width, rank))
         expect_shape(self.name, params, "weight", (rank, width))
         expect_shape(self.name, params, "bias", (rank,))
-        return LoReFTSpec(width, rank, act_name(config))
+        act_name(config)
 
     def forward(self, h, params, config):
         R, W, b = params["rotate_layer"], params["weight"], params["bias"]

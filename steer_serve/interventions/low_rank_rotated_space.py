@@ -5,29 +5,22 @@ per-example ``subspaces`` selection is a training-time feature and is not suppor
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .base import LowRankEdit
-from .family import Family, expect_shape, f32
-
-
-@dataclass(frozen=True)
-class LowRankRotatedSpaceSpec:
-    width: int
-    rank: int
+from .family import ROTATION, SOURCE, Family, expect_shape, f32
 
 
 class LowRankRotatedSpace(Family):
     name = "low_rank_rotated_space"
     required = ("rotate_layer", "source")
+    library_classes = ("LowRankRotatedSpaceIntervention",)
+    saved = {"rotate_layer": ROTATION, "source": SOURCE}
 
     def check(self, params, config, width):
         rank = params["rotate_layer"].shape[-1]
         expect_shape(self.name, params, "rotate_layer", (width, rank))
         expect_shape(self.name, params, "source", (width,))
-        return LowRankRotatedSpaceSpec(width, rank)
 
     def forward(self, h, params, config):
         R = params["rotate_layer"]

@@ -5,32 +5,31 @@ pyreft's forward never uses ``proj_layer.bias``, so readers drop it. Config: ``a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from .base import LowRankEdit
-from .family import Family, act_name, activation, expect_shape, f32
-
-
-@dataclass(frozen=True)
-class NodiReFTSpec:
-    width: int
-    rank: int
-    act_fn: str = "linear"
+from .family import Family, Saved, act_name, activation, expect_shape, f32
 
 
 class NodiReFT(Family):
     name = "nodireft"
     required = ("weight", "bias", "proj_weight")
+    library_classes = ("NodireftIntervention",)
+    saved = {
+        "weight": Saved(("learned_source.weight", "weight")),
+        "bias": Saved(("learned_source.bias", "bias")),
+        "proj_weight": Saved(("proj_layer.weight",)),
+    }
+    saved_unused = ("proj_layer.bias",)  # its forward never reads it
+    saved_config = ("act_fn",)
 
     def check(self, params, config, width):
         rank = params["weight"].shape[0]
         expect_shape(self.name, params, "weight", (rank, width))
         expect_shape(self.name, params, "bias", (rank,))
         expect_shape(self.name, params, "proj_weight", (rank, width))
-        return NodiReFTSpec(width, rank, act_name(config))
+        act_name(config)
 
     def forward(self, h, params, config):
         W, W2 = params["weight"], params["proj_weight"]

@@ -6,27 +6,25 @@ Like LoReFT with a plain (non-orthogonal) projection W₂ = ``proj_layer``. Para
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from .base import LowRankEdit
-from .family import Family, act_name, activation, expect_shape, f32
-
-
-@dataclass(frozen=True)
-class NoReFTSpec:
-    width: int
-    rank: int
-    act_fn: str = "linear"
-    proj_bias: bool = False
+from .family import Family, Saved, act_name, activation, expect_shape, f32
 
 
 class NoReFT(Family):
     name = "noreft"
     required = ("weight", "bias", "proj_weight")
     optional = ("proj_bias",)
+    library_classes = ("NoreftIntervention",)
+    saved = {
+        "weight": Saved(("learned_source.weight", "weight")),
+        "bias": Saved(("learned_source.bias", "bias")),
+        "proj_weight": Saved(("proj_layer.weight",)),
+        "proj_bias": Saved(("proj_layer.bias",), optional=True),
+    }
+    saved_config = ("act_fn",)
 
     def check(self, params, config, width):
         rank = params["weight"].shape[0]
@@ -35,7 +33,7 @@ class NoReFT(Family):
         expect_shape(self.name, params, "proj_weight", (rank, width))
         if "proj_bias" in params:
             expect_shape(self.name, params, "proj_bias", (rank,))
-        return NoReFTSpec(width, rank, act_name(config), "proj_bias" in params)
+        act_name(config)
 
     def forward(self, h, params, config):
         W2 = params["proj_weight"]

@@ -11,28 +11,23 @@ For k = d the output no longer depends on h: ``z = 1``, ``v = (s R) Rᵀ``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .base import LowRankEdit
-from .family import Family, expect_shape, f32, interchange_dim
-
-
-@dataclass(frozen=True)
-class RotatedSpaceSpec:
-    width: int
-    interchange_dim: int
+from .family import ROTATION, SOURCE, Family, expect_shape, f32, interchange_dim
 
 
 class RotatedSpace(Family):
     name = "rotated_space"
     required = ("rotate_layer", "source")
+    library_classes = ("RotatedSpaceIntervention",)
+    saved = {"rotate_layer": ROTATION, "source": SOURCE}
+    saved_config = ("interchange_dim",)
 
     def check(self, params, config, width):
         expect_shape(self.name, params, "rotate_layer", (width, width))
         expect_shape(self.name, params, "source", (width,))
-        return RotatedSpaceSpec(width, interchange_dim(self.name, config, width))
+        interchange_dim(self.name, config, width)
 
     def forward(self, h, params, config):
         R = params["rotate_layer"]

@@ -5,28 +5,22 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .base import LowRankEdit
-from .family import Family, expect_shape, f32
-
-
-@dataclass(frozen=True)
-class SigmoidMaskSpec:
-    width: int
+from .family import SOURCE, Family, Saved, expect_shape, f32
 
 
 class SigmoidMask(Family):
     name = "sigmoid_mask"
     required = ("mask", "temperature", "source")
+    library_classes = ("SigmoidMaskIntervention",)
+    saved = {"mask": Saved(("mask",)), "temperature": Saved(("temperature",)), "source": SOURCE}
 
     def check(self, params, config, width):
         expect_shape(self.name, params, "mask", (width,))
         expect_shape(self.name, params, "temperature", ())
         expect_shape(self.name, params, "source", (width,))
-        return SigmoidMaskSpec(width)
 
     def forward(self, h, params, config):
         mask = torch.sigmoid(params["mask"] / params["temperature"])

@@ -7,29 +7,28 @@ Low-rank form as Boundless DAS (exact, rank d): ``z = 1``, ``W = (R diag(1 − m
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .base import LowRankEdit
-from .family import Family, expect_shape, f32
-
-
-@dataclass(frozen=True)
-class SigmoidMaskRotatedSpaceSpec:
-    width: int
+from .family import ROTATION, SOURCE, Family, Saved, expect_shape, f32
 
 
 class SigmoidMaskRotatedSpace(Family):
     name = "sigmoid_mask_rotated_space"
     required = ("rotate_layer", "masks", "temperature", "source")
+    library_classes = ("SigmoidMaskRotatedSpaceIntervention",)
+    saved = {
+        "rotate_layer": ROTATION,
+        "masks": Saved(("masks",)),
+        "temperature": Saved(("temperature",)),
+        "source": SOURCE,
+    }
 
     def check(self, params, config, width):
         expect_shape(self.name, params, "rotate_layer", (width, width))
         expect_shape(self.name, params, "masks", (width,))
         expect_shape(self.name, params, "temperature", ())
         expect_shape(self.name, params, "source", (width,))
-        return SigmoidMaskRotatedSpaceSpec(width)
 
     def forward(self, h, params, config):
         R = params["rotate_layer"]

@@ -9,6 +9,7 @@ from .addition import Addition
 
 class Subtraction(Addition):
     name = "subtraction"
+    library_classes = ("SubtractionIntervention",)
     sign = -1.0
 
 

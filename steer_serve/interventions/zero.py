@@ -6,27 +6,21 @@ Low-rank form: ``z`` = 1 on the first k columns, so ``h − h ⊙ z`` zeroes the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .base import LowRankEdit
 from .family import Family, interchange_dim
 
 
-@dataclass(frozen=True)
-class ZeroSpec:
-    width: int
-    interchange_dim: int
-
-
 class Zero(Family):
     name = "zero"
+    library_classes = ("ZeroIntervention",)
+    saved_config = ("interchange_dim", "width")
 
     def check(self, params, config, width):
         if config.get("width") != width:
             raise ValueError(f"zero: config 'width' must equal the component width {width}, got {config.get('width')!r}")
-        return ZeroSpec(width, interchange_dim(self.name, config, width))
+        interchange_dim(self.name, config, width)
 
     def forward(self, h, params, config):
         k = interchange_dim(self.name, config, h.shape[-1])
