@@ -23,7 +23,7 @@ def build(seed: int, hidden: int):
     torch.manual_seed(seed)
     iv = pyreft.LoreftIntervention(embed_dim=hidden, low_rank_dimension=RANK, dtype=torch.float32)
     original = iv.rotate_layer.parametrizations.weight.original
-    with torch.no_grad():  # move R off its initial point (strict lower triangle: the signs stay, DESIGN.md §8)
+    with torch.no_grad():  # move R off its initial point (strict lower triangle: the signs stay, docs/architecture.md)
         original.add_(0.3 * torch.randn_like(original).tril(-1))
         iv.learned_source.weight.mul_(WEIGHT_SCALE)
         iv.learned_source.bias.add_(0.5 * torch.randn_like(iv.learned_source.bias)).mul_(WEIGHT_SCALE)

@@ -1,4 +1,4 @@
-"""Packaging: the kernels/ folder must not shadow Hugging Face's ``kernels`` (DESIGN.md §2)."""
+"""Packaging: the kernels/ folder must not shadow Hugging Face's ``kernels`` (docs/architecture.md)."""
 from __future__ import annotations
 
 import subprocess
