@@ -6,8 +6,8 @@ vLLM release brings comes with it); the steering layer (``routes_openai``) only 
 intervention fields, pins slots, and puts them where vLLM already carries per-request data
 (``vllm_xargs`` → ``SamplingParams.extra_args``, ``cache_salt``, a LoRA name as ``model``).
 
-What this module relies on in vLLM 0.32 (re-check on upgrade; :func:`check_vllm_version` refuses
-other releases):
+What this module relies on in vLLM 0.32 (re-check on upgrade; importing ``engine.vllm_internals``
+refuses other releases):
 
 * ``launchers.cli_args.make_arg_parser`` / ``validate_parsed_serve_args``: ``vllm serve``'s flags;
 * ``launchers.api_server.app_state.init_app_state``: builds the serving objects on ``app.state``
@@ -48,9 +48,7 @@ from vllm.entrypoints.serve.tokenize.protocol import (
 from steer_serve.api.errors import APIError
 from steer_serve.api.schemas import SteeringFields
 from steer_serve.engine.config import RequestSteering
-from steer_serve.engine.plugin import check_vllm_version
-
-check_vllm_version()
+from steer_serve.engine import vllm_internals  # noqa: F401  (refuses an unsupported vLLM on import)
 
 
 @functools.cache

@@ -1,5 +1,6 @@
-"""Everything that touches vLLM internals lives in this package (and only here).
+"""Everything that runs inside vLLM lives in this package; its uses of vLLM internals are in ``vllm_internals``.
 
+* ``vllm_internals`` — every vLLM internal relied on (version-checked on import): re-read on upgrade.
 * ``plugin``      — the ``vllm.general_plugins`` entry point: registers the steerable architectures.
 * ``architectures`` — one table per architecture: component name → module path and hook point.
 * ``model``       — ``Steer<Arch>``: the stock vLLM model plus slot tables and hooks at the table's sites.

@@ -1,21 +1,20 @@
 """Worker extension (``worker_extension_cls``): runs inside the process that holds the model.
 
-``steer_install`` hooks the V1 model runner's ``_prepare_inputs`` on this worker's runner
-instance (not the class), so the per-step slot buffers are filled once per step from the
-scheduled batch; warm-up and profiling runs never call it and see zeroed buffers.
+``steer_install`` hooks this worker's model runner (``vllm_internals.install_step_hook``), so the
+per-step slot buffers are filled once per step from the scheduled batch; warm-up and profiling
+runs never call it and see zeroed buffers.
 ``steer_write_slot`` / ``steer_clear_slot`` copy an intervention's tables into a slot in place,
 between engine steps (collective RPCs run between steps), without recompiling anything.
 """
 from __future__ import annotations
 
-import functools
 import json
 
-import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 
 from steer_serve.engine.model import steerable_model
+from steer_serve.engine.vllm_internals import install_step_hook
 from steer_serve.interventions.base import LowRankEdit
 
 _LOWRANK_FIELDS = ("W", "b", "P", "U", "v", "z")
@@ -56,12 +55,8 @@ class SteerWorkerExtension:
 
     def steer_install(self) -> dict:
         """Hook the runner's per-step input preparation; returns the table geometry."""
-        runner = self.model_runner
         model = self._steer_model()
-        if not getattr(runner, "_steer_installed", False):
-            runner._prepare_inputs = functools.partial(_prepare_inputs_with_steering, runner,
-                                                       runner._prepare_inputs, model.steer_step_state)
-            runner._steer_installed = True
+        install_step_hook(self.model_runner, model.steer_step_state.prepare)
         return model.steer_geometry
 
     def steer_write_slot(self, slot: int, blob: bytes, meta_json: str) -> None:
@@ -89,17 +84,3 @@ class SteerWorkerExtension:
             for component in layer.components:
                 layer.slot_tables(component).clear(slot)
         model.steer_step_state.set_slot_sites(slot, [])
-
-
-def _prepare_inputs_with_steering(runner, original, state, scheduler_output, num_scheduled_tokens: np.ndarray):
-    result = original(scheduler_output, num_scheduled_tokens)
-    batch = runner.input_batch
-    num_reqs = batch.num_reqs
-    requests = runner.requests
-
-    def extra_args_of(req_id: str):
-        return requests[req_id].sampling_params.extra_args
-
-    state.prepare(batch.req_ids[:num_reqs], num_scheduled_tokens, batch.num_computed_tokens_cpu[:num_reqs],
-                  batch.num_prompt_tokens[:num_reqs], extra_args_of, live_req_ids=requests)
-    return result

