@@ -107,10 +107,6 @@ class SteerEngine:
     def served_model_name(self) -> str:
         return served_model_name(self.settings)
 
-    @property
-    def tokenizer(self):
-        return self.llm.tokenizer
-
     async def write_slot(self, slot: int, site_edits: dict[tuple[int, str], LowRankEdit]) -> None:
         """Copy an intervention's per-site low-rank edits into ``slot`` (in place, between steps)."""
         blob, meta = encode_slot_payload(site_edits)

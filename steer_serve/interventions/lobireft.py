@@ -8,19 +8,15 @@ from __future__ import annotations
 import torch
 
 from .base import LowRankEdit
-from .family import ROTATION, Family, Saved, expect_shape, f32
+from .consreft import ConsReFT
+from .family import f32
 
 
-class LobiReFT(Family):
+class LobiReFT(ConsReFT):
+    """ConsReFT's parameters, checks and saved layout; its own forward."""
+
     name = "lobireft"
-    required = ("rotate_layer", "learned_source")
     library_classes = ("LobireftIntervention",)
-    saved = {"rotate_layer": ROTATION, "learned_source": Saved(("learned_source",))}
-
-    def check(self, params, config, width):
-        rank = params["rotate_layer"].shape[-1]
-        expect_shape(self.name, params, "rotate_layer", (width, rank))
-        expect_shape(self.name, params, "learned_source", (rank,))
 
     def forward(self, h, params, config):
         out = h + torch.matmul(params["learned_source"], params["rotate_layer"].T)
