@@ -197,7 +197,7 @@ class StepState:
         np.maximum(inner, 0, out=inner)
         np.minimum(inner, n[:, None], out=inner)
         edges[..., 0], edges[..., 5] = 0, n
-        runs = np.diff(edges, axis=-1)
+        runs = edges[..., 1:] - edges[..., :-1]
         hit = (runs[..., 1] + runs[..., 3]) > 0
         in_use = np.flatnonzero(hit.any(axis=1))
         if in_use.size == 0:
