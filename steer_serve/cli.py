@@ -46,6 +46,11 @@ def _add_serve(sub) -> None:
                    help="directory local sources may come from (repeatable); none = no local sources over HTTP")
     p.add_argument("--no-hub", action="store_true", help="refuse hub ids as intervention sources")
     p.add_argument("--registry-dir", default=None, help="where registered interventions persist (default: cache)")
+    p.add_argument("--shared-registry", action="store_true",
+                   help="replicas share --registry-dir (a directory on shared storage): each change is a locked "
+                        "read-modify-write, and each replica follows the others' changes")
+    p.add_argument("--registry-poll-interval", type=float, default=1.0,
+                   help="seconds between checks of a shared registry for other replicas' changes")
     p.add_argument("--api-key", default=os.environ.get("STEER_SERVE_API_KEY"),
                    help="bearer key for /v1/* (env STEER_SERVE_API_KEY)")
     p.add_argument("--admin-api-key", default=os.environ.get("STEER_SERVE_ADMIN_API_KEY"),
@@ -114,7 +119,9 @@ def _serve(args, vllm_flags: list[str]) -> None:
     settings = ServerSettings(
         host=args.host, port=args.port, allowed_dirs=args.allowed_intervention_dir, preload=preload,
         preload_positions=args.intervention_positions, api_key=args.api_key, admin_api_key=args.admin_api_key,
-        allow_hub=not args.no_hub, registry_dir=args.registry_dir, max_tokens_limit=args.max_tokens_limit,
+        allow_hub=not args.no_hub, registry_dir=args.registry_dir,
+        shared_registry=args.shared_registry, registry_poll_interval=args.registry_poll_interval,
+        max_tokens_limit=args.max_tokens_limit,
         max_concurrent_requests=args.max_concurrent_requests,
         max_concurrent_sequences=args.max_concurrent_sequences or 2 * args.max_num_seqs,
         max_sequences_per_request=args.max_sequences_per_request or max(1, args.max_num_seqs // 2),

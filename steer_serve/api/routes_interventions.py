@@ -139,7 +139,7 @@ async def list_interventions(request: Request):
             responses={**_ONE, **docs.errors(404)})
 async def get_intervention(intervention_id: str, request: Request):
     state = request.app.state.steer
-    return describe_entry(state, state.registry.get(intervention_id))
+    return describe_entry(state, await state.registry.resolve(intervention_id))
 
 
 @router.patch("/{intervention_id}", dependencies=[Depends(require_admin_key)],

@@ -19,7 +19,7 @@ from steer_serve.api import vllm_frontend as vllm
 from steer_serve.api.auth import require_api_key
 from steer_serve.api.errors import APIError
 from steer_serve.engine.config import RequestSteering
-from steer_serve.registry import Lease
+from steer_serve.registry import Lease, RegistryError
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["openai"], responses=docs.errors(401, 500))
 _GENERATION_ERRORS = docs.errors(400, 404, 413, 429)
@@ -51,13 +51,15 @@ class GuardedStream(StreamingResponse):
                 await self.on_close()
 
 
-def resolve_interventions(body, state) -> list[tuple[str, float | None, str | None]]:
+async def resolve_interventions(body, state) -> list[tuple[str, float | None, str | None]]:
     """The (id, scale, positions) columns a request asks for, in application order."""
     requested: list[tuple[str, float | None, str | None]] = []
     model = body.model
     if model and model != state.served_model_name:
-        if model not in state.registry.entries:
-            raise APIError(404, f"The model `{model}` does not exist.", code="model_not_found", param="model")
+        try:
+            await state.registry.resolve(model)
+        except RegistryError:
+            raise APIError(404, f"The model `{model}` does not exist.", code="model_not_found", param="model") from None
         requested.append((model, None, None))
     if body.intervention:
         requested.append((body.intervention, None, None))
@@ -132,7 +134,7 @@ async def _steered(request: Request, body, kind: str) -> Response:
     if RequestSteering.EXTRA_ARGS_KEY in (getattr(body, "vllm_xargs", None) or {}):
         raise APIError(400, f"vllm_xargs.{RequestSteering.EXTRA_ARGS_KEY} is reserved: name interventions with "
                        + _FIELDS, code="invalid_value", param="vllm_xargs")
-    requested = resolve_interventions(body, state)
+    requested = await resolve_interventions(body, state)
     _apply_token_limit(body, kind, state.max_tokens_limit)
     labels = [i for i, _, _ in requested] or ["none"]
     request.state.user = getattr(body, "user", None)

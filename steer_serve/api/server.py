@@ -13,7 +13,7 @@ from steer_serve.api.app import AppState, create_app
 from steer_serve.api.http_protocol import guarded_protocol
 from steer_serve.engine.engine import EngineSettings, SteerEngine
 from steer_serve.model import cache_dir
-from steer_serve.registry import InterventionRegistry, lock_registry_dir
+from steer_serve.registry import InterventionRegistry, claim_registry_dir
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,8 @@ class ServerSettings:
     admin_api_key: str | None = None
     allow_hub: bool = True
     registry_dir: str | None = None
+    shared_registry: bool = False          # replicas share --registry-dir (registry/store.py)
+    registry_poll_interval: float = 1.0    # how often a shared registry is checked for others' changes
     max_tokens_limit: int = 4096
     max_concurrent_requests: int = 256
     max_concurrent_sequences: int = 256
@@ -58,7 +60,7 @@ async def build_state(engine: SteerEngine, settings: ServerSettings) -> AppState
 
     model_path = engine.settings.model
     persist = registry_path(settings)
-    registry = InterventionRegistry(engine, persist_dir=persist)
+    registry = InterventionRegistry(engine, persist_dir=persist, shared=settings.shared_registry)
     restored = await registry.restore()
     if restored:
         logger.warning("restored %d intervention(s) from %s: %s", len(restored), persist, ", ".join(restored))
@@ -134,7 +136,8 @@ async def _watch_the_engine(engine: SteerEngine, state: AppState, server: uvicor
 
 async def serve(engine_settings: EngineSettings, settings: ServerSettings) -> None:
     """Run until SIGINT/SIGTERM; in-flight requests drain for up to ``drain_timeout`` seconds."""
-    registry_lock = lock_registry_dir(registry_path(settings))  # before the engine: a clash fails fast
+    # before the engine: a clash fails fast
+    registry_lock = claim_registry_dir(registry_path(settings), shared=settings.shared_registry)
     engine = await SteerEngine.start(engine_settings)
 
     async def stop_engine() -> None:
@@ -159,10 +162,14 @@ async def serve(engine_settings: EngineSettings, settings: ServerSettings) -> No
         logger.warning("steer-serve ready on http://%s:%d (model %s)", settings.host, settings.port,
                        state.served_model_name)
         watchdog = asyncio.create_task(_watch_the_engine(engine, state, server))
+        follower = asyncio.create_task(state.registry.watch(settings.registry_poll_interval)) \
+            if settings.shared_registry else None
         await server.serve()
         if watchdog.done() and watchdog.result():
             raise SystemExit(f"steer-serve: {watchdog.result()}; exiting so that a supervisor restarts the server")
         watchdog.cancel()
+        if follower is not None:
+            follower.cancel()
     finally:
         engine.shutdown()
         registry_lock.close()

@@ -25,9 +25,9 @@ from steer_serve.interventions.positions import parse_positions, window_part
 from steer_serve.registry.catalogue import AdapterEntry, Catalogue, Entry, Geometry, InterventionEntry, content_hash
 from steer_serve.registry.errors import RegistryError
 from steer_serve.registry.slot_pool import SlotPool
-from steer_serve.registry.store import RegistryStore, lock_registry_dir
+from steer_serve.registry.store import RegistryStore, claim_registry_dir
 
-__all__ = ["InterventionRegistry", "Lease", "RegistryError", "lock_registry_dir"]
+__all__ = ["InterventionRegistry", "Lease", "RegistryError", "claim_registry_dir"]
 logger = logging.getLogger(__name__)
 
 
@@ -42,18 +42,19 @@ class Lease:
 
 
 class InterventionRegistry:
-    def __init__(self, engine, *, persist_dir: Path | None = None):
+    def __init__(self, engine, *, persist_dir: Path | None = None, shared: bool = False):
         self.engine = engine
         self.geometry = Geometry.of(engine.geometry)
         self.max_loras = int(engine.settings.max_loras)
         self.max_lora_rank = int(engine.settings.max_lora_rank)
         self.catalogue = Catalogue()
         self.slots = SlotPool(engine, self.geometry.num_slots)
-        self.store = RegistryStore(persist_dir) if persist_dir is not None else None
+        self.store = RegistryStore(persist_dir, shared=shared) if persist_dir is not None else None
         self._temp_adapters: Path | None = None
         self._lora_ids = 0
-        self._restoring = False            # restore() re-registers without rewriting the file it reads
         self._changes = asyncio.Lock()     # one catalogue change (and its write) at a time
+        self._synced = None                # the store version the catalogue last reflected
+        self._retiring: set[asyncio.Task] = set()
 
     @property
     def entries(self) -> dict[str, Entry]:
@@ -61,6 +62,13 @@ class InterventionRegistry:
 
     def get(self, intervention_id: str) -> Entry:
         return self.catalogue.get(intervention_id)
+
+    async def resolve(self, intervention_id: str) -> Entry:
+        """The entry, fetching it from the store first when this process has not seen it yet (a
+        replica sharing the store registered it): lazy resolution, as vLLM's LoRA resolvers do."""
+        if intervention_id not in self.entries and self.store is not None and self.store.version() != self._synced:
+            await self.sync()
+        return self.get(intervention_id)
 
     def occupancy(self) -> dict:
         return self.slots.occupancy()
@@ -80,33 +88,37 @@ class InterventionRegistry:
     async def register(self, intervention_id: str, iv: Intervention, *, source: str, format: str,
                        replace: bool = False) -> Entry:
         """Add (or with ``replace``, swap in) an intervention; persisted before it is served."""
+        return await self._install(self._intervention_entry(intervention_id, iv, source, format), replace)
+
+    def _intervention_entry(self, intervention_id: str, iv: Intervention, source: str, format: str) -> Entry:
         parts = self.geometry.compile(iv)
-        return await self._install(InterventionEntry(intervention_id, content_hash(parts), source, format,
-                                                     intervention=iv, compiled=parts), replace)
+        return InterventionEntry(intervention_id, content_hash(parts), source, format, intervention=iv, compiled=parts)
 
     async def register_adapter(self, intervention_id: str, adapter: WeightAdapter, *, source: str,
                                replace: bool = False) -> Entry:
         """Add a weight-space adapter (PEFT LoRA / GIFT), served through vLLM's LoRA slots."""
+        return await self._install(self._adapter_entry(intervention_id, adapter, source), replace)
+
+    def _adapter_entry(self, intervention_id: str, adapter: WeightAdapter, source: str) -> Entry:
         if not self.max_loras:
             raise RegistryError("this server serves no weight-space adapters; start it with --max-loras N",
                                 param="source")
         self._lora_ids += 1
-        return await self._install(AdapterEntry(intervention_id, adapter.content_hash, source, adapter.source_format,
-                                                adapter=adapter, lora_id=self._lora_ids), replace)
+        return AdapterEntry(intervention_id, adapter.content_hash, source, adapter.source_format, adapter=adapter,
+                            lora_id=self._lora_ids)
 
     async def _install(self, entry: Entry, replace: bool) -> Entry:
         async with self._changes:
             old = self.catalogue.check_replaceable(entry.id, replace)
+            if self.store is not None:
+                try:
+                    await self.store.upsert(entry, replace=replace)
+                except RegistryError:
+                    raise
+                except Exception as exc:
+                    raise RegistryError(f"could not write the registry, {entry.id!r} is not registered: {exc}",
+                                        code="registry_write_failed") from exc
             self.entries[entry.id] = entry
-            try:
-                await self._persist()
-            except Exception as exc:
-                if old is None:
-                    self.entries.pop(entry.id)
-                else:
-                    self.entries[entry.id] = old
-                raise RegistryError(f"could not write the registry, {entry.id!r} is not registered: {exc}",
-                                    code="registry_write_failed") from exc
         if old is not None:
             await self.slots.unload(old)
         return entry
@@ -114,16 +126,22 @@ class InterventionRegistry:
     async def update_defaults(self, intervention_id: str, *, scale: float | None = None,
                               positions: str | None = None) -> Entry:
         """PATCH: change the default scale/positions (takes effect for new requests)."""
+        entry = await self.resolve(intervention_id)
         async with self._changes:
-            entry = self.get(intervention_id)
+            before = entry.record()
             entry.set_defaults(scale=scale, positions=positions)
-            await self._persist()
+            if self.store is not None:
+                try:
+                    await self.store.upsert(entry, replace=True)
+                except Exception:
+                    entry.set_defaults(scale=before["scale"], positions=before["positions"])
+                    raise
         return entry
 
     async def unregister(self, intervention_id: str, *, force: bool = False, timeout: float = 60.0) -> None:
         """Remove an entry; refused while in use unless ``force`` (then new requests get 404 and it
         waits for the pinned ones, those still waiting for a slot included)."""
-        entry = self.get(intervention_id)
+        entry = await self.resolve(intervention_id)
         if entry.refcount and not force:
             raise RegistryError(f"intervention {intervention_id!r} is in use by {entry.refcount} request(s); "
                                 "retry later or pass force=true to wait for them", code="conflict")
@@ -135,14 +153,81 @@ class InterventionRegistry:
             raise RegistryError(f"intervention {intervention_id!r} still in use after {timeout:.0f}s",
                                 code="conflict") from None
         async with self._changes:
+            if self.store is not None:
+                try:
+                    await self.store.delete(intervention_id)
+                except Exception:
+                    entry.deleting = False
+                    raise
             if self.entries.get(intervention_id) is entry:
                 del self.entries[intervention_id]
-                await self._persist()
         await self.slots.unload(entry)
 
-    async def _persist(self) -> None:
-        if self.store is not None and not self._restoring:
-            await self.store.write(list(self.entries.values()))
+    # ----- the store's view ---------------------------------------------------------------
+    async def restore(self) -> list[str]:
+        """Load what the store holds (at start-up); returns the ids (a broken record is logged and skipped)."""
+        if self.store is None:
+            return []
+        await asyncio.to_thread(self.store.start)
+        await self.sync()
+        return list(self.entries)
+
+    async def sync(self) -> None:
+        """Make the catalogue what the store says: records other processes added, changed or removed
+        (entries in use by requests are retired once those finish: they keep what they started with)."""
+        async with self._changes:
+            version = self.store.version()
+            records = await asyncio.to_thread(self.store.records)
+            for intervention_id, record in records.items():
+                local = self.entries.get(intervention_id)
+                if local is not None and local.record() == record:
+                    continue
+                try:
+                    entry = await self._entry_from_record(record)
+                except Exception as exc:  # a broken record must not stop the server
+                    logger.error("could not load intervention %s from the store: %s", intervention_id, exc)
+                    continue
+                self.entries[intervention_id] = entry
+                if local is not None:
+                    self._retire(local)
+            for intervention_id in [i for i in self.entries if i not in records]:
+                self._retire(self.entries.pop(intervention_id))
+            self._synced = version
+
+    async def _entry_from_record(self, record: dict) -> Entry:
+        from steer_serve.formats.native import read_native
+
+        if record.get("kind") == "adapter":
+            adapter = await asyncio.to_thread(load_weight_adapter, self.adapters_dir / record["weights"],
+                                              self.adapters_dir, base_model_dir=self.engine.settings.model,
+                                              max_rank=self.max_lora_rank)
+            adapter.source_format = record["format"]
+            entry = self._adapter_entry(record["id"], adapter, record["source"])
+        else:
+            iv = await asyncio.to_thread(read_native, self.store.weights_dir / record["weights"])
+            iv.positions, iv.scale = record["positions"], record["scale"]
+            entry = self._intervention_entry(record["id"], iv, record["source"], record["format"])
+        entry.created = record.get("created", entry.created)
+        return entry
+
+    def _retire(self, entry: Entry) -> None:
+        """Free ``entry``'s slots once no request uses it (it is no longer in the catalogue)."""
+        async def unload_when_unused():
+            await self.slots.wait_unused(entry, timeout=None)
+            await self.slots.unload(entry)
+
+        self._retiring.add(task := asyncio.ensure_future(unload_when_unused()))
+        task.add_done_callback(self._retiring.discard)
+
+    async def watch(self, interval: float) -> None:
+        """Follow the store's changes made by other processes, checking every ``interval`` seconds."""
+        while True:
+            await asyncio.sleep(interval)
+            if self.store.version() != self._synced:
+                try:
+                    await self.sync()
+                except Exception:
+                    logger.exception("could not follow the intervention store")
 
     # ----- requests -----------------------------------------------------------------------
     async def acquire(self, requested: list[tuple[str, float | None, str | None]]) -> Lease:
@@ -150,7 +235,7 @@ class InterventionRegistry:
         slot is pinned) and build its steering; at most one may be a weight-space adapter."""
         if any(not isinstance(self.entries.get(i), AdapterEntry) for i, _, _ in requested):
             self.geometry.require_interventions()
-        named = [(self.get(i), scale, positions) for i, scale, positions in requested]
+        named = [(await self.resolve(i), scale, positions) for i, scale, positions in requested]
         adapters = list(dict.fromkeys(e for e, _, _ in named if isinstance(e, AdapterEntry)))
         columns = [(e, s, p) for e, s, p in named if isinstance(e, InterventionEntry)]
         if len(adapters) > 1:
@@ -182,35 +267,3 @@ class InterventionRegistry:
 
     async def release(self, lease: Lease) -> None:
         await self.slots.release(lease.entries)
-
-    # ----- start-up -----------------------------------------------------------------------
-    async def restore(self) -> list[str]:
-        """Re-register what the store holds; returns the ids restored (a broken record is logged and skipped)."""
-        if self.store is None:
-            return []
-        from steer_serve.formats.native import read_native
-
-        restored = []
-        self._restoring = True
-        try:
-            for record in self.store.records():
-                try:
-                    if record.get("kind") == "adapter":
-                        adapter = load_weight_adapter(self.adapters_dir / record["weights"], self.adapters_dir,
-                                                      base_model_dir=self.engine.settings.model,
-                                                      max_rank=self.max_lora_rank)
-                        adapter.source_format = record["format"]
-                        entry = await self.register_adapter(record["id"], adapter, source=record["source"],
-                                                            replace=True)
-                    else:
-                        iv = read_native(self.store.weights_dir / record["weights"])
-                        iv.positions, iv.scale = record["positions"], record["scale"]
-                        entry = await self.register(record["id"], iv, source=record["source"],
-                                                    format=record["format"], replace=True)
-                    entry.created = record.get("created", entry.created)
-                    restored.append(record["id"])
-                except Exception as exc:  # a broken record must not stop the server from starting
-                    logger.error("could not restore intervention %s: %s", record.get("id"), exc)
-        finally:
-            self._restoring = False
-        return restored

@@ -1,0 +1,131 @@
+"""Replicas sharing one intervention store (``--shared-registry``): concurrent writers lose nothing,
+every replica follows the others' changes, an id registered elsewhere is resolved on first use, and
+requests in flight keep what they started with."""
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+import time
+
+import httpx
+import pytest
+import torch
+
+from live_server import REPO, ServerProcess
+from steering_helpers import random_loreft
+from steer_serve.registry import RegistryError
+
+_WRITER = textwrap.dedent("""
+    import asyncio, pathlib, sys
+    sys.path.insert(0, {tests!r})
+    from fake_engine import FakeEngine
+    from steer_serve.registry import InterventionRegistry
+    from steering_helpers import random_loreft
+
+    async def main(directory, name, count):
+        registry = InterventionRegistry(FakeEngine(), persist_dir=pathlib.Path(directory), shared=True)
+        await registry.restore()
+        for k in range(count):
+            await registry.register(f"{{name}}-{{k}}", random_loreft(k, layer=k % 30), source="x", format="native")
+            if k % 4 == 3:
+                await registry.unregister(f"{{name}}-{{k - 1}}")
+
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+""")
+
+
+def test_two_processes_registering_at_once_lose_nothing(tmp_path):
+    """Two writer processes register (and delete) 40 ids each on one shared directory at the same time:
+    the store ends with exactly every id either kept, and their weights."""
+    script = tmp_path / "writer.py"
+    script.write_text(_WRITER.format(tests=str(REPO / "tests")))
+    writers = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "store"), name, "40"], cwd=REPO)
+               for name in ("a", "b")]
+    assert [w.wait(300) for w in writers] == [0, 0]
+    from fake_engine import FakeEngine
+    from steer_serve.registry import InterventionRegistry
+
+    registry = InterventionRegistry(FakeEngine(), persist_dir=tmp_path / "store", shared=True)
+    restored = set(asyncio.run(registry.restore()))
+    expected = {f"{name}-{k}" for name in "ab" for k in range(40) if k % 4 != 2}
+    assert restored == expected
+    assert len(list((tmp_path / "store" / "weights").iterdir())) == len({e.content_hash for e in registry.entries.values()})
+
+
+async def test_replicas_follow_each_other_and_in_flight_requests_keep_their_entry(tmp_path):
+    from fake_engine import FakeEngine
+    from steer_serve.registry import InterventionRegistry
+
+    a = InterventionRegistry(FakeEngine(), persist_dir=tmp_path, shared=True)
+    b = InterventionRegistry(FakeEngine(), persist_dir=tmp_path, shared=True)
+    await a.restore()
+    await b.restore()
+    await a.register("x", random_loreft(960), source="x", format="native")
+    lease = await b.acquire([("x", None, None)])           # b resolves x from the store on first use
+    assert lease.steering.slots
+    unsynced = InterventionRegistry(FakeEngine(), persist_dir=tmp_path, shared=True)
+    with pytest.raises(RegistryError) as exists:
+        await unsynced.register("x", random_loreft(961), source="x", format="native")
+    assert exists.value.code == "conflict"                   # the id exists in the shared store
+    await a.register("x", random_loreft(962), source="x", format="native", replace=True)
+    old = lease.entries[0]
+    await b.sync()
+    assert b.entries["x"] is not old and old.refcount == 1    # the new weights for new requests ...
+    assert old.loaded                                         # ... and the in-flight request keeps its slot
+    await b.release(lease)
+    await asyncio.sleep(0.05)
+    assert not old.loaded                                     # retired once unused
+    await b.unregister("x")
+    await a.sync()
+    assert "x" not in a.entries and not any((tmp_path / "weights").iterdir())
+
+
+def _tiny_loreft_dir(directory, seed: int, hidden: int):
+    from steer_serve.formats.native import save_native
+    from steer_serve.interventions.base import Edit, Intervention, Placement
+
+    gen = torch.Generator().manual_seed(seed)
+    rotate, _ = torch.linalg.qr(torch.randn(hidden, 4, generator=gen))
+    params = {"rotate_layer": rotate.contiguous(), "weight": torch.randn(4, hidden, generator=gen) * 0.5,
+              "bias": torch.randn(4, generator=gen) * 4}
+    save_native(Intervention([Edit("loreft", Placement(1, "block_output"), params)], hidden, positions="all"), directory)
+    return directory
+
+
+def test_two_servers_on_one_shared_store(tmp_path):
+    """Two tiny-model servers with --shared-registry on one directory: a registration through one is
+    served by the other on first use (equal answers), a delete through one is a 404 on the other
+    within the poll interval, and a server that wants the directory alone is refused."""
+    from fixtures.tiny_models import HIDDEN, build_tiny_model
+    from steer_serve.model import prepare_default_model
+
+    build_tiny_model("LlamaForCausalLM", tmp_path / "model", prepare_default_model())
+    source = _tiny_loreft_dir(tmp_path / "ivs" / "shared-iv", 970, HIDDEN)
+    common = ("--model", str(tmp_path / "model"), "--max-model-len", "256", "--shared-registry",
+              "--registry-poll-interval", "0.5", "--allowed-intervention-dir", str(tmp_path / "ivs"))
+    servers = [ServerProcess(*common, registry_dir=tmp_path / "store", log_path=tmp_path / f"s{i}.log")
+               for i in range(2)]
+    try:
+        for server in servers:
+            server.start()
+        one, two = (httpx.Client(base_url=s.url, timeout=120) for s in servers)
+        assert one.post("/v1/interventions", json={"id": "shared-iv", "source": str(source)}).status_code == 201
+        body = {"prompt": [5, 6, 7, 8], "max_tokens": 8, "temperature": 0, "intervention": "shared-iv"}
+        answers = [c.post("/v1/completions", json=body).json()["choices"][0]["text"] for c in (two, one)]
+        plain = one.post("/v1/completions", json={**body, "intervention": None}).json()["choices"][0]["text"]
+        assert answers[0] == answers[1] != plain
+        assert "shared-iv" in {m["id"] for m in two.get("/v1/models").json()["data"]}
+        assert two.delete("/v1/interventions/shared-iv").status_code == 200
+        deadline = time.monotonic() + 10
+        while one.get("/v1/interventions/shared-iv").status_code != 404:
+            assert time.monotonic() < deadline, "the delete did not reach the other replica"
+            time.sleep(0.2)
+        alone = ServerProcess("--model", str(tmp_path / "model"), registry_dir=tmp_path / "store",
+                              log_path=tmp_path / "alone.log")
+        with pytest.raises(RuntimeError, match="start every replica with --shared-registry"):
+            alone.start(timeout=120)
+    finally:
+        for server in servers:
+            server.stop()
