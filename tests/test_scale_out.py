@@ -129,3 +129,30 @@ def test_two_servers_on_one_shared_store(tmp_path):
     finally:
         for server in servers:
             server.stop()
+
+
+async def test_routers_see_interventions_in_vllms_lora_metric():
+    """``vllm:lora_requests_info`` (what LoRA-affinity routers read) lists an intervention in use as a
+    running adapter, and once only (vLLM's own series of that name is replaced, not duplicated)."""
+    import re
+
+    from fake_engine import FakeEngine, fake_app
+
+    app, state = fake_app(FakeEngine(step_seconds=0.05))
+    await state.registry.register("routed", random_loreft(975), source="x", format="native")
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://fake") as client:
+        slow = asyncio.create_task(client.post("/v1/completions", json={"prompt": [5], "max_tokens": 60,
+                                                                         "intervention": "routed"}))
+        while state.limiter.in_flight < 1:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        text = (await client.get("/metrics")).text
+        series = re.findall(r'^vllm:lora_requests_info\{([^}]*)\} (\S+)$', text, re.M)
+        assert len(series) == 1 and text.count("# TYPE vllm:lora_requests_info ") == 1, text
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', series[0][0]))
+        assert labels == {"max_lora": "2", "waiting_lora_adapters": "", "running_lora_adapters": "routed"}
+        assert (await slow).status_code == 200
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', re.search(r'^vllm:lora_requests_info\{([^}]*)\}',
+                                                                (await client.get("/metrics")).text, re.M)[1]))
+        assert labels["running_lora_adapters"] == ""

@@ -159,7 +159,8 @@ def create_app(state: AppState, *, on_shutdown=None) -> FastAPI:
     async def metrics():
         from steer_serve.api.vllm_frontend import vllm_metrics
 
-        return Response(state.metrics.render(state.registry, state.limiter.in_flight) + vllm_metrics(),
+        return Response(state.metrics.render(state.registry, state.limiter.in_flight)
+                        + vllm_metrics(without=state.metrics.info.NAME),
                         media_type="text/plain; version=0.0.4")
 
     openapi_docs.install(app)

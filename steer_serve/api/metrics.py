@@ -10,21 +10,27 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 
 
 class _InterventionsInfo:
-    """``steer:intervention_requests_info``, shaped like vLLM's ``vllm:lora_requests_info``: one series
-    whose labels list the interventions running (pinned by requests) and loaded (in slots), so a
-    LoRA-affinity router can route by intervention. Only the current series is exported."""
+    """``vllm:lora_requests_info`` as vLLM exports it for LoRA adapters (labels ``max_lora``,
+    ``running_lora_adapters``, ``waiting_lora_adapters``; value = the time), listing interventions and
+    adapters alike: running = pinned by requests and loaded, waiting = pinned and waiting for a slot.
+    So LoRA-affinity routers (Gateway API Inference Extension, llm-d) route steered requests to the
+    replica that holds their intervention without knowing about interventions. vLLM's own series of
+    that name is left out of ``/metrics`` (this one includes its adapters)."""
+
+    NAME = "vllm:lora_requests_info"
 
     def __init__(self):
         self.registry_state = None
 
     def collect(self):
-        family = GaugeMetricFamily("steer:intervention_requests_info", "Interventions running and loaded",
-                                   labels=["running_interventions", "loaded_interventions", "max_interventions"])
+        family = GaugeMetricFamily(self.NAME, "Running stats on lora requests (interventions and adapters).",
+                                   labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters"])
         if self.registry_state is not None:
-            entries = [e for e in self.registry_state.entries.values() if e.kind == "intervention"]
-            running = ",".join(sorted(e.id for e in entries if e.refcount > 0))
-            loaded = ",".join(sorted(e.id for e in entries if e.slot is not None))
-            family.add_metric([running, loaded, str(self.registry_state.geometry.num_slots)], time.time())
+            pinned = [e for e in self.registry_state.entries.values() if e.refcount > 0]
+            running = ",".join(sorted(e.id for e in pinned if e.loaded))
+            waiting = ",".join(sorted(e.id for e in pinned if not e.loaded))
+            capacity = self.registry_state.geometry.num_slots + self.registry_state.max_loras
+            family.add_metric([str(capacity), waiting, running], time.time())
         yield family
 
 

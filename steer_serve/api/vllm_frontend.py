@@ -217,8 +217,14 @@ def error_of(exc: Exception) -> tuple[int, str, str | None]:
     return error.code, error.message, error.param
 
 
-def vllm_metrics() -> bytes:
-    """vLLM's own ``vllm:`` metrics (engine stats: running/waiting, KV cache, tokens, latencies)."""
+def vllm_metrics(without: str = "") -> bytes:
+    """vLLM's own ``vllm:`` metrics (engine stats: running/waiting, KV cache, tokens, latencies), less the
+    metric family named ``without`` (one steer-serve exports in its place)."""
     from vllm.v1.metrics.prometheus import get_prometheus_registry
 
-    return generate_latest(get_prometheus_registry())
+    text = generate_latest(get_prometheus_registry())
+    if not without:
+        return text
+    return b"".join(line for line in text.splitlines(keepends=True)
+                    if not line.split(b"{")[0].split(b" ")[0] == without.encode()
+                    and not line.startswith((f"# HELP {without} ".encode(), f"# TYPE {without} ".encode())))
