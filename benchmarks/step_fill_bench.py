@@ -3,8 +3,9 @@
 Fill: ``StepState.prepare`` at 1, 32, 128 and 256 requests (a quarter prefill chunks of 8-96
 tokens, the rest decode tokens; 1-4 columns of every position kind; a fifth of the requests
 after the first unsteered), "before" the per-request, per-column loop copied below as the
-labelled baseline, "after" the vectorised fill the engine runs. Both fill the same batch in the same run, with the parsed steering already
-cached (the steady state), and must write identical buffers.
+labelled baseline, "after" the vectorised fill the engine runs. Both fill the same batch in the
+same run, with the parsed steering already cached (the steady state), and must write identical
+buffers.
 
 Apply: one hooked layer (d=576 fp32, rank 4, 16 slots, 32 decode tokens and a 224-token mixed
 batch) with 1, 2 and 4 columns: "before" one ``apply_interventions`` call per column (the old
@@ -207,8 +208,8 @@ def table(result: dict) -> str:
              "|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['requests']} | {r['tokens']} | {r['prefill_chunks']} | {r['columns']} | {r['before_us']:.1f} | "
               f"{r['after_us']:.1f} | {r['speedup']:.1f}x |" for r in result["fill"]]
-    lines += ["", "| apply: tokens | columns | before µs (per column) | after µs (one call) | plan µs per step | speed-up |",
-              "|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| apply: tokens | columns | before µs (per column) | after µs (one call) | plan µs per step "
+              "| speed-up |", "|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['tokens']} | {r['columns']} | {r['before_us']:.1f} | {r['after_us']:.1f} | {r['plan_us']:.1f} | "
               f"{r['speedup']:.2f}x |" for r in result["apply"]]
     return "\n".join(lines)
