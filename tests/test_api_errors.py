@@ -110,6 +110,7 @@ def test_409_for_an_existing_id(guarded, guarded_iv, intervention_dir):
     ({"prompt": "x " * 600, "max_tokens": 4}, "input_tokens"),                   # longer than the context
     ({"prompt": ["hi"] * 9, "max_tokens": 1}, "prompt"),                         # --max-sequences-per-request 8
     ({"prompt": ["hi"] * 3, "n": 3, "max_tokens": 1}, "n"),
+    ({"prompt": "hi", "return_hidden_states": True}, "return_hidden_states"),  # vllm-router's no-op only when false
 ])
 def test_400_completions(guarded, payload, param):
     assert_error(guarded.post("/v1/completions", json=payload), 400, param=param)

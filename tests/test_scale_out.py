@@ -4,10 +4,13 @@ requests in flight keep what they started with."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
+import re
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -94,32 +97,75 @@ def _tiny_loreft_dir(directory, seed: int, hidden: int):
     return directory
 
 
-def test_two_servers_on_one_shared_store(tmp_path):
-    """Two tiny-model servers with --shared-registry on one directory: a registration through one is
-    served by the other on first use (equal answers), a delete through one is a 404 on the other
-    within the poll interval, and a server that wants the directory alone is refused."""
+def _requests_by_intervention(client: httpx.Client) -> dict[str, float]:
+    return {m[0]: float(m[1]) for m in re.findall(r'^steer_requests_total\{intervention="([^"]+)"\} (\S+)$',
+                                                   client.get("/metrics").text, re.M)}
+
+
+def test_two_replicas_on_one_shared_store_behind_a_real_router(tmp_path):
+    """Two tiny-model servers with --shared-registry on one directory behind vLLM's own router
+    (vllm-router, consistent hashing on ``X-Session-ID`` = the intervention id): registrations through
+    either replica are served through the router; each intervention's traffic lands on one replica
+    (affinity); every routed answer equals the solo answer of both replicas; a delete through one
+    replica is a 404 on the other within the poll interval; a server that wants the directory alone is
+    refused."""
     from fixtures.tiny_models import HIDDEN, build_tiny_model
+    from live_server import free_port
     from steer_serve.model import prepare_default_model
 
     build_tiny_model("LlamaForCausalLM", tmp_path / "model", prepare_default_model())
-    source = _tiny_loreft_dir(tmp_path / "ivs" / "shared-iv", 970, HIDDEN)
-    common = ("--model", str(tmp_path / "model"), "--max-model-len", "256", "--shared-registry",
-              "--registry-poll-interval", "0.5", "--allowed-intervention-dir", str(tmp_path / "ivs"))
+    names = [f"fleet-{i}" for i in range(4)]
+    sources = {name: _tiny_loreft_dir(tmp_path / "ivs" / name, 970 + i, HIDDEN) for i, name in enumerate(names)}
+    common = ("--model", str(tmp_path / "model"), "--max-model-len", "256", "--shared-registry", "--max-interventions",
+              "2", "--registry-poll-interval", "0.5", "--allowed-intervention-dir", str(tmp_path / "ivs"))
     servers = [ServerProcess(*common, registry_dir=tmp_path / "store", log_path=tmp_path / f"s{i}.log")
                for i in range(2)]
+    router_port = free_port()
+    router = None
     try:
         for server in servers:
             server.start()
-        one, two = (httpx.Client(base_url=s.url, timeout=120) for s in servers)
-        assert one.post("/v1/interventions", json={"id": "shared-iv", "source": str(source)}).status_code == 201
-        body = {"prompt": [5, 6, 7, 8], "max_tokens": 8, "temperature": 0, "intervention": "shared-iv"}
-        answers = [c.post("/v1/completions", json=body).json()["choices"][0]["text"] for c in (two, one)]
-        plain = one.post("/v1/completions", json={**body, "intervention": None}).json()["choices"][0]["text"]
-        assert answers[0] == answers[1] != plain
-        assert "shared-iv" in {m["id"] for m in two.get("/v1/models").json()["data"]}
-        assert two.delete("/v1/interventions/shared-iv").status_code == 200
+        replicas = [httpx.Client(base_url=s.url, timeout=120) for s in servers]
+        for i, name in enumerate(names):           # registered through either replica
+            registered = replicas[i % 2].post("/v1/interventions", json={"id": name, "source": str(sources[name])})
+            assert registered.status_code == 201, registered.text
+        router = subprocess.Popen([str(Path(sys.executable).parent / "vllm-router"), "--host", "127.0.0.1", "--port",
+                                   str(router_port), "--worker-urls", *[s.url for s in servers], "--policy",
+                                   "consistent_hash", "--log-level", "warning"],
+                                  stdout=open(tmp_path / "router.log", "wb"), stderr=subprocess.STDOUT)
+        routed = httpx.Client(base_url=f"http://127.0.0.1:{router_port}", timeout=120)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if routed.get("/v1/models").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and router.poll() is None, (tmp_path / "router.log").read_text()
+            time.sleep(0.5)
+        body = {"prompt": [5, 6, 7, 8], "max_tokens": 8, "temperature": 0}
+        traffic = [name for name in names for _ in range(3)] + [None] * 4
+
+        def send(name):
+            headers = {"X-Session-ID": name or "plain"}
+            response = routed.post("/v1/completions", json={**body, "intervention": name}, headers=headers)
+            assert response.status_code == 200, response.text
+            return name, response.json()["choices"][0]["text"]
+
+        with cf.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(send, traffic))
+        counts = [_requests_by_intervention(c) for c in replicas]
+        for name in names:                          # affinity: one replica served all of one intervention
+            assert sorted(c.get(name, 0) for c in counts) == [0, 3], (name, counts)
+        for name, text in answers:                  # solo answers, on both replicas
+            solo = {c.post("/v1/completions", json={**body, "intervention": name}).json()["choices"][0]["text"]
+                    for c in replicas}
+            assert solo == {text}, (name, solo, text)
+        assert len({text for _, text in answers}) == len(names) + 1
+        assert set(names) <= {m["id"] for m in routed.get("/v1/models").json()["data"]}
+        assert replicas[1].delete(f"/v1/interventions/{names[0]}").status_code == 200
         deadline = time.monotonic() + 10
-        while one.get("/v1/interventions/shared-iv").status_code != 404:
+        while replicas[0].get(f"/v1/interventions/{names[0]}").status_code != 404:
             assert time.monotonic() < deadline, "the delete did not reach the other replica"
             time.sleep(0.2)
         alone = ServerProcess("--model", str(tmp_path / "model"), registry_dir=tmp_path / "store",
@@ -127,6 +173,9 @@ def test_two_servers_on_one_shared_store(tmp_path):
         with pytest.raises(RuntimeError, match="start every replica with --shared-registry"):
             alone.start(timeout=120)
     finally:
+        if router is not None:
+            router.kill()
+            router.wait(30)
         for server in servers:
             server.stop()
 
@@ -134,8 +183,6 @@ def test_two_servers_on_one_shared_store(tmp_path):
 async def test_routers_see_interventions_in_vllms_lora_metric():
     """``vllm:lora_requests_info`` (what LoRA-affinity routers read) lists an intervention in use as a
     running adapter, and once only (vLLM's own series of that name is replaced, not duplicated)."""
-    import re
-
     from fake_engine import FakeEngine, fake_app
 
     app, state = fake_app(FakeEngine(step_seconds=0.05))

@@ -57,6 +57,11 @@ def _known_fields(model) -> frozenset[str]:
     return frozenset(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}
 
 
+#: Fields vLLM's router (vllm-router, from SGLang's) adds to every request it forwards, with the value
+#: that asks for nothing: accepted at that value (they are honoured), refused at any other.
+ROUTER_NO_OP_FIELDS = {"no_stop_trim": False, "return_hidden_states": False}
+
+
 class _KnownFieldsOnly:
     """Refuse top-level fields that neither vLLM nor steer-serve reads (vLLM would log and ignore them)."""
 
@@ -64,6 +69,7 @@ class _KnownFieldsOnly:
     @classmethod
     def _refuse_unknown_fields(cls, data):
         if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if not (k in ROUTER_NO_OP_FIELDS and v in (None, ROUTER_NO_OP_FIELDS[k]))}
             unknown = sorted(set(data) - _known_fields(cls))
             if unknown:  # not a ValueError: it passes pydantic untouched and answers 400 naming the field
                 raise APIError(400, f"unsupported field(s) {', '.join(unknown)}: this server refuses fields it "
