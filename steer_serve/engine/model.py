@@ -18,7 +18,6 @@ sum, bit for bit as Hugging Face's layer output. Block input likewise: the layer
 from __future__ import annotations
 
 import copy
-import importlib
 
 import torch
 from torch import nn
@@ -27,6 +26,7 @@ from steer_serve.engine.architectures import (ARCHITECTURES, STEER_PREFIX, Archi
                                               steer_class_name)
 from steer_serve.engine.config import SteerConfig
 from steer_serve.engine.step_state import StepState
+from steer_serve.engine.vllm_internals import is_pipeline_placeholder, stock_model_class
 from steer_serve.kernels import SlotTables, apply_interventions, register_slot_tables
 
 
@@ -201,7 +201,7 @@ def _install_steering(model: nn.Module, vllm_config, table: ArchitectureTable) -
     layers = model.get_submodule(table.layers)
     model.steer_layers = []
     # this pipeline stage's layers (the others are PPMissingLayer placeholders)
-    own = [(i, layer) for i, layer in enumerate(layers) if type(layer).__name__ != "PPMissingLayer"]
+    own = [(i, layer) for i, layer in enumerate(layers) if not is_pipeline_placeholder(layer)]
     _unshare_site_modules([layer for _, layer in own], table)
     for index, layer in own:
         steering = LayerSteering(layer, index, model.steer_step_state, widths, components)
@@ -218,8 +218,7 @@ def _install_steering(model: nn.Module, vllm_config, table: ArchitectureTable) -
 def _steer_class(architecture: str) -> type:
     """``Steer<architecture>``: the stock vLLM class whose ``__init__`` also installs steering."""
     table = ARCHITECTURES[architecture]
-    module_name, class_name = table.vllm_class.split(":")
-    stock = getattr(importlib.import_module(module_name), class_name)
+    stock = stock_model_class(table.vllm_class)
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         stock.__init__(self, vllm_config=vllm_config, prefix=prefix)
@@ -227,7 +226,7 @@ def _steer_class(architecture: str) -> type:
 
     return type(steer_class_name(architecture), (stock,), {
         "__init__": __init__, "__module__": __name__,
-        "__doc__": f"vLLM's {class_name} with slot-gathered interventions at its hooked components."})
+        "__doc__": f"vLLM's {stock.__name__} with slot-gathered interventions at its hooked components."})
 
 
 def __getattr__(name: str) -> type:
