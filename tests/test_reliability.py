@@ -109,13 +109,20 @@ def test_nothing_hostile_was_registered(client, server, hostile_env):
 
 
 # ----- faults -----------------------------------------------------------------------------------
-def _raw_request_then_hang_up(url: str, body: dict) -> None:
-    """Send a request on a raw socket and close it before reading a byte of the answer."""
+@contextlib.contextmanager
+def _raw_post(url: str, body: dict, path: str = "/v1/completions"):
+    """Send a JSON POST on a raw socket; the connection is closed, unread, when the block ends."""
     host, port = url.removeprefix("http://").split(":")
     payload = json.dumps(body).encode()
     with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        yield
+
+
+def _raw_request_then_hang_up(url: str, body: dict) -> None:
+    """Send a request on a raw socket and close it before reading a byte of the answer."""
+    with _raw_post(url, body):
         time.sleep(0.05)
 
 
@@ -158,11 +165,7 @@ def test_an_abandoned_request_of_any_kind_stops_generating(client, server, inter
     within seconds the server holds no request, no pin, and the engine generates nothing more."""
     if "fault-abandon" not in client.get("/v1/interventions").text:
         register(client, intervention_dir, "fault-abandon", random_loreft(932))
-    host, port = server.url.removeprefix("http://").split(":")
-    payload = json.dumps(body).encode()
-    with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    with _raw_post(server.url, body, path):
         before = _generated_tokens(client)
         while _generated_tokens(client) < before + 8:      # it is generating
             time.sleep(0.1)

@@ -69,7 +69,9 @@ class _KnownFieldsOnly:
     @classmethod
     def _refuse_unknown_fields(cls, data):
         if isinstance(data, dict):
-            data = {k: v for k, v in data.items() if not (k in ROUTER_NO_OP_FIELDS and v in (None, ROUTER_NO_OP_FIELDS[k]))}
+            if data.keys() & ROUTER_NO_OP_FIELDS.keys():
+                data = {k: v for k, v in data.items()
+                        if not (k in ROUTER_NO_OP_FIELDS and v in (None, ROUTER_NO_OP_FIELDS[k]))}
             unknown = sorted(set(data) - _known_fields(cls))
             if unknown:  # not a ValueError: it passes pydantic untouched and answers 400 naming the field
                 raise APIError(400, f"unsupported field(s) {', '.join(unknown)}: this server refuses fields it "

@@ -60,15 +60,12 @@ class InterventionRegistry:
     def entries(self) -> dict[str, Entry]:
         return self.catalogue.entries
 
-    def get(self, intervention_id: str) -> Entry:
-        return self.catalogue.get(intervention_id)
-
     async def resolve(self, intervention_id: str) -> Entry:
         """The entry, fetching it from the store first when this process has not seen it yet (a
         replica sharing the store registered it): lazy resolution, as vLLM's LoRA resolvers do."""
         if intervention_id not in self.entries and self.store is not None and self.store.version() != self._synced:
             await self.sync()
-        return self.get(intervention_id)
+        return self.catalogue.get(intervention_id)
 
     def occupancy(self) -> dict:
         return self.slots.occupancy()
