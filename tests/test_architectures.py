@@ -46,6 +46,8 @@ def hf_sites(architecture: str, config) -> dict[str, tuple[str, str, tuple[int, 
     fused = {"query_output": (0, q), "key_output": (q, q + k), "value_output": (q + k, q + 2 * k)}
     if architecture == "GPT2LMHeadModel":
         layer, attn, o_proj, mlp, act, qkv = "transformer.h.{}", "attn", "attn.c_proj", "mlp", "mlp.act", "attn.c_attn"
+    elif architecture == "GPTNeoXForCausalLM":
+        layer, attn, o_proj, mlp, act, qkv = "gpt_neox.layers.{}", "attention", "attention.dense", "mlp", "mlp.act", None
     else:
         layer, attn, o_proj, mlp, act = "model.layers.{}", "self_attn", "self_attn.o_proj", "mlp", "mlp.act_fn"
         qkv = "self_attn.qkv_proj" if architecture == "Phi3ForCausalLM" else None

@@ -53,7 +53,7 @@ class ArchitectureTable:
     fused_residual: bool = True
 
 
-def _llama_style(vllm_class: str, mlp: str = "mlp", moe: bool = False) -> ArchitectureTable:
+def _llama_style(vllm_class: str, mlp: str = "mlp", moe: bool = False, fused_residual: bool = True) -> ArchitectureTable:
     sites = {
         "block_input": Site("", "input"), "block_output": Site(""),
         "attention_input": Site("self_attn", "input"), "attention_output": Site("self_attn"),
@@ -64,10 +64,13 @@ def _llama_style(vllm_class: str, mlp: str = "mlp", moe: bool = False) -> Archit
     }
     if not moe:
         sites["mlp_activation"] = Site(f"{mlp}.act_fn", "gated")
-    return ArchitectureTable(vllm_class, layers="model.layers", sites=sites)
+    return ArchitectureTable(vllm_class, layers="model.layers", sites=sites, fused_residual=fused_residual)
 
 
 _MODELS = "vllm.model_executor.models"
+_TRANSFORMERS = f"{_MODELS}.transformers:TransformersForCausalLM"
+
+
 
 ARCHITECTURES: dict[str, ArchitectureTable] = {
     "LlamaForCausalLM": _llama_style(f"{_MODELS}.llama:LlamaForCausalLM"),
@@ -80,6 +83,19 @@ ARCHITECTURES: dict[str, ArchitectureTable] = {
     "Gemma3ForCausalLM": _llama_style(f"{_MODELS}.gemma3:Gemma3ForCausalLM"),
     "MixtralForCausalLM": _llama_style(f"{_MODELS}.mixtral:MixtralForCausalLM", mlp="block_sparse_moe", moe=True),
     "Qwen2MoeForCausalLM": _llama_style(f"{_MODELS}.qwen2_moe:Qwen2MoeForCausalLM", moe=True),
+    # vLLM 0.32 serves these through its Transformers backend: Hugging Face's own modules, with q/k/v
+    # fused into ``qkv_proj`` and a GLU into ``gate_up_proj`` + an ``...AndMul`` activation, at
+    # ``model.layers``; each layer returns the plain sum (no fused residual)
+    "OlmoForCausalLM": _llama_style(_TRANSFORMERS, fused_residual=False),
+    "Olmo2ForCausalLM": _llama_style(_TRANSFORMERS, fused_residual=False),
+    # pyvene's GPT-NeoX table has no q/k/v components (its fused projection is laid out per head)
+    "GPTNeoXForCausalLM": ArchitectureTable(
+        _TRANSFORMERS, layers="model.layers", fused_residual=False, sites={
+            "block_input": Site("", "input"), "block_output": Site(""),
+            "attention_input": Site("attention", "input"), "attention_output": Site("attention"),
+            "attention_value_output": Site("attention.dense", "input"),
+            "mlp_input": Site("mlp", "input"), "mlp_activation": Site("mlp.act"), "mlp_output": Site("mlp"),
+        }),
     "GPT2LMHeadModel": ArchitectureTable(
         f"{_MODELS}.gpt2:GPT2LMHeadModel", layers="transformer.h", fused_residual=False, sites={
             "block_input": Site("", "input"), "block_output": Site(""),

@@ -26,7 +26,8 @@ from steer_serve.engine.architectures import (ARCHITECTURES, STEER_PREFIX, Archi
                                               steer_class_name)
 from steer_serve.engine.config import SteerConfig
 from steer_serve.engine.step_state import StepState
-from steer_serve.engine.vllm_internals import is_pipeline_placeholder, stock_model_class
+from steer_serve.engine.vllm_internals import (building_as, gather_tensor_parallel_columns, is_pipeline_placeholder,
+                                              stock_model_class, tensor_parallel_rank)
 from steer_serve.kernels import SlotTables, apply_interventions, register_slot_tables
 
 
@@ -40,6 +41,7 @@ class LayerSteering:
         self.step_state = step_state
         config = step_state.config
         self.components = components
+        self.widths = widths
         self._prefixes = {component: f"steer_{component}" for component in components}
         self._wp_names = {component: f"{prefix}_wp" for component, prefix in self._prefixes.items()}
         self._tables = {component: register_slot_tables(layer, prefix, config.num_slots + 1,
@@ -59,9 +61,22 @@ class LayerSteering:
         return self.step_state.is_active(self.layer_idx, component)
 
     def steer(self, component: str, x: torch.Tensor) -> torch.Tensor:
-        """Apply this step's interventions at ``component`` to ``x`` (one kernel call, all columns)."""
-        plan = self.step_state.plan(x.shape[0])
-        return apply_interventions(x, plan.slots, plan.coef, self.slot_tables(component), plan=plan)
+        """Apply this step's interventions at ``component`` to ``x`` (one kernel call, all columns).
+
+        At a tensor-parallel site (attention value output, q/k/v, MLP activation) ``x`` is this
+        rank's shard of the columns: the full tensor is gathered, edited with the whole tables (an
+        edit may mix every column), and this rank's shard is taken back."""
+        tokens = x.reshape(-1, x.shape[-1])  # vLLM's Transformers backend keeps a batch dim of 1
+        plan = self.step_state.plan(tokens.shape[0])
+        width = self.widths[component]
+        shard = tokens.shape[-1]
+        if shard != width:
+            tokens = gather_tensor_parallel_columns(tokens, width)
+        edited = apply_interventions(tokens, plan.slots, plan.coef, self.slot_tables(component), plan=plan)
+        if shard != width:
+            rank = tensor_parallel_rank()
+            edited = edited[:, rank * shard:(rank + 1) * shard]
+        return edited.reshape(x.shape)
 
 
 def _edit_output(steering: LayerSteering, component: str, output):
@@ -221,7 +236,8 @@ def _steer_class(architecture: str) -> type:
     stock = stock_model_class(table.vllm_class)
 
     def __init__(self, *, vllm_config, prefix: str = ""):
-        stock.__init__(self, vllm_config=vllm_config, prefix=prefix)
+        with building_as(vllm_config, architecture):
+            stock.__init__(self, vllm_config=vllm_config, prefix=prefix)
         _install_steering(self, vllm_config, table)
 
     return type(steer_class_name(architecture), (stock,), {

@@ -13,6 +13,13 @@ each item below may change without notice. What the engine relies on in vLLM 0.3
   tables in ``architectures.py`` name (``model.layers``, ``self_attn.qkv_proj``, ``o_proj``,
   ``mlp.act_fn``, GPT-2's ``transformer.h`` / ``attn.c_attn`` …); decoder layers returning
   ``(hidden, residual)`` with the residual added by the next layer's fused norm;
+* vLLM's Transformers backend (``transformers:TransformersForCausalLM``; GPT-NeoX, OLMo, OLMo-2):
+  the Hugging Face model at ``model`` with a batch dimension of 1, q/k/v fused into ``qkv_proj``
+  and a GLU into ``gate_up_proj`` + ``...AndMul``; it reads the checkpoint's weight renamings from
+  ``hf_config.architectures`` while it is built (:func:`building_as`);
+* the tensor-parallel group: ``get_tensor_model_parallel_rank`` / ``_world_size`` and
+  ``tensor_model_parallel_all_gather``; column-parallel layers shard heads / the MLP's inner width
+  contiguously by rank (:func:`gather_tensor_parallel_columns`);
 * ``vllm_config.scheduler_config.max_num_batched_tokens`` / ``max_num_seqs``,
   ``model_config.hf_config`` / ``hf_text_config`` / ``get_hidden_size()`` (``model.py``), and
   ``PPMissingLayer``, what stands in for the layers of other pipeline stages
@@ -26,6 +33,7 @@ The API's use of vLLM's OpenAI serving layer is listed in ``steer_serve/api/vllm
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 
@@ -51,6 +59,38 @@ def stock_model_class(path: str) -> type:
     """The vLLM model class at ``"<module>:<Class>"``."""
     module_name, class_name = path.split(":")
     return getattr(importlib.import_module(module_name), class_name)
+
+
+@contextlib.contextmanager
+def building_as(vllm_config, architecture: str):
+    """Show the stock class the config's own ``architectures`` while it is built: our override names
+    ``Steer<Arch>``, and the Transformers backend looks up the checkpoint's weight renamings
+    (GPT-NeoX's ``embed_out`` → ``lm_head``) by architecture name."""
+    config = vllm_config.model_config.hf_config
+    steered = config.architectures
+    config.architectures = [architecture]
+    try:
+        yield
+    finally:
+        config.architectures = steered
+
+
+def tensor_parallel_rank() -> int:
+    """This worker's rank in the tensor-parallel group."""
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    return get_tensor_model_parallel_rank()
+
+
+def gather_tensor_parallel_columns(shard: torch.Tensor, width: int) -> torch.Tensor:
+    """The whole ``[tokens, width]`` tensor from every rank's contiguous column shard."""
+    from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_gather
+
+    ranks = get_tensor_model_parallel_world_size()
+    if shard.shape[-1] * ranks != width:
+        raise ValueError(f"a {shard.shape[-1]}-column shard on {ranks} tensor-parallel ranks is not a split of "
+                         f"{width} columns (heads replicated across ranks cannot be steered per rank)")
+    return tensor_model_parallel_all_gather(shard.contiguous(), dim=-1)
 
 
 def is_pipeline_placeholder(layer) -> bool:
