@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import shutil
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -21,7 +22,7 @@ from live_server import FIXTURES, ServerProcess
 from steer_serve.engine.architectures import ARCHITECTURES, component_geometry
 from steer_serve.interventions import reference_apply
 from steer_serve.interventions.base import Edit, Intervention, Placement
-from steering_helpers import complete, hook_hf_module, register, tokens
+from steering_helpers import complete, hook_hf_module, random_loreft, register, tokens
 
 NEW_TOKENS = 8
 FAMILIES = FIXTURES.parent / "data_families"
@@ -195,5 +196,44 @@ def test_unsteerable_architecture_is_served_plain_and_refuses_interventions(tmp_
             response = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "intervention": "any"})
             assert response.status_code == 400, response.text
             assert "OPTForCausalLM" in response.json()["error"]["message"]
+    finally:
+        proc.stop()
+
+
+#: tensor parallel 2 == transformers (== TP 1) here; GPT-2 in the long form
+TP_ARCHITECTURES = ["LlamaForCausalLM", "GPT2LMHeadModel"] if ALL_ARCHITECTURES else ["LlamaForCausalLM"]
+#: sharded sites (each rank holds a column shard: gathered, edited whole, split back) and a replicated one
+TP_COMPONENTS = ("attention_value_output", "query_output", "mlp_activation", "block_output")
+
+
+@pytest.mark.parametrize("architecture", TP_ARCHITECTURES)
+def test_tensor_parallel_2_equals_transformers(architecture, tmp_path, intervention_dir):
+    """At ``--tensor-parallel-size 2`` (two CPU workers) a LoReFT mixing every column of a sharded
+    site gives transformers' tokens, as at TP 1; so does a plain request."""
+    from transformers import AutoConfig
+
+    from steer_serve.model import prepare_default_model
+
+    build_tiny_model(architecture, tmp_path / "model", prepare_default_model())
+    widths, _ = component_geometry(AutoConfig.from_pretrained(tmp_path / "model").to_dict())
+    sites = hf_sites(architecture, AutoConfig.from_pretrained(tmp_path / "model"))
+    proc = ServerProcess("--model", str(tmp_path / "model"), "--tensor-parallel-size", "2",
+                         "--allowed-intervention-dir", str(intervention_dir), "--max-model-len", "512",
+                         "--intervention-components", *TP_COMPONENTS,
+                         env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},  # one core per worker
+                         registry_dir=tmp_path / "registry", log_path=tmp_path / "server.log").start()
+    try:
+        with httpx.Client(base_url=proc.url, timeout=300) as client:
+            assert tokens(complete(client, PROMPT, NEW_TOKENS, ignore_eos=True)) == hf_greedy(tmp_path / "model")
+            for seed, component in enumerate(TP_COMPONENTS):
+                width = widths[component]
+                loreft = random_loreft(seed, layer=seed % LAYERS, component=component, width=width, strength=6.0)
+                iv = Intervention([replace(e, width=None if width == HIDDEN else width) for e in loreft.edits], HIDDEN)
+                name = f"tp2-{architecture}-{component}"
+                register(client, intervention_dir, name, iv)
+                expected = hf_greedy(tmp_path / "model", sites[component], seed % LAYERS,
+                                     lambda h: reference_apply(iv, h.reshape(-1, width)).reshape(h.shape))
+                steered = tokens(complete(client, PROMPT, NEW_TOKENS, intervention=name, ignore_eos=True))
+                assert steered == expected, component
     finally:
         proc.stop()
