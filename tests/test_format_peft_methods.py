@@ -115,3 +115,16 @@ def test_vera_without_its_projection_is_refused(base_model_dir, tmp_path):
     with pytest.raises(InterventionFormatError) as err:
         load_weight_adapter(adapter, tmp_path / "out", base_model_dir=base_model_dir, max_rank=16)
     assert "save_projection" in str(err.value)
+
+
+def test_tensors_of_inconsistent_shapes_are_a_format_error(base_model_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "loha"
+    shutil.copytree(FIXTURES_PEFT / "loha", adapter)
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.4.self_attn.q_proj.hada_w2_b"
+    save_file({**weights, key: weights[key][:, :100].contiguous()}, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(InterventionFormatError) as err:
+        load_weight_adapter(adapter, tmp_path / "out", base_model_dir=base_model_dir, max_rank=16)
+    assert "inconsistent shapes" in str(err.value)

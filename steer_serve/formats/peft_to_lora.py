@@ -179,10 +179,14 @@ def convert_to_lora(peft_type: str, config: dict, weights: dict[str, torch.Tenso
 
     ``base_shapes`` maps the base model's linear modules to their weight's ``(out, in)``.
     """
-    if peft_type == "VERA":
-        pairs = vera_pairs(config, dict(weights), base_shapes)
-    else:
-        pairs = CONVERTERS[peft_type](config, dict(weights))
+    try:
+        if peft_type == "VERA":
+            pairs = vera_pairs(config, dict(weights), base_shapes)
+        else:
+            pairs = CONVERTERS[peft_type](config, dict(weights))
+    except (RuntimeError, IndexError, ValueError) as exc:  # tensors whose shapes do not fit together
+        raise InterventionFormatError(f"the {peft_type} adapter's tensors have inconsistent shapes: "
+                                      f"{str(exc)[:200]}", param="adapter_model") from None
     if not pairs:
         raise InterventionFormatError(f"the {peft_type} adapter has no weights", param="adapter_model")
     rank = max(a.shape[0] for a, _ in pairs.values())
