@@ -6,7 +6,7 @@ import json
 import httpx
 import pytest
 
-from live_server import FIXTURES, FIXTURES_LORA, ServerProcess
+from live_server import FIXTURES, FIXTURES_LORA, FIXTURES_PEFT, ServerProcess
 
 
 #: vLLM serve flags the default server takes, passed through unchanged (tool calling: SmolLM2 has no
@@ -32,6 +32,7 @@ def small_server(tmp_path_factory, intervention_dir):
     root = tmp_path_factory.mktemp("small_server")
     proc = ServerProcess("--allowed-intervention-dir", str(FIXTURES), "--allowed-intervention-dir",
                          str(intervention_dir), "--allowed-intervention-dir", str(FIXTURES_LORA),
+                         "--allowed-intervention-dir", str(FIXTURES_PEFT),
                          "--max-loras", "2", "--max-interventions", "2",
                          "--max-num-batched-tokens", "32", "--max-num-seqs", "16", "--max-model-len", "512",
                          registry_dir=root / "registry", log_path=root / "server.log").start()

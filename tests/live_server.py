@@ -14,6 +14,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures" / "data"
 FIXTURES_LORA = REPO / "tests" / "fixtures" / "data_lora"
+FIXTURES_PEFT = REPO / "tests" / "fixtures" / "data_peft"
 
 
 def free_port() -> int:

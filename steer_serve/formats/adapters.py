@@ -1,8 +1,10 @@
-"""Weight-space adapters (PEFT LoRA directories and GIFT checkpoints), prepared for vLLM's LoRA path.
+"""Weight-space adapters (PEFT LoRA and the PEFT methods that are exactly a LoRA, GIFT checkpoints),
+prepared for vLLM's LoRA path.
 
-Both end up as a PEFT LoRA directory the server owns (copied, re-saved as safetensors, checked):
+All end up as a PEFT LoRA directory the server owns (copied, re-saved as safetensors, checked):
 vLLM's multi-LoRA support serves it per request. GIFT (``W' = W + s·W φᵀ ψ``) becomes the LoRA pair
-``A = ψ``, ``B_l = s·W_l φᵀ`` (see :mod:`.gift`), which needs the base model's weights.
+``A = ψ``, ``B_l = s·W_l φᵀ`` (see :mod:`.gift`), which needs the base model's weights; AdaLoRA, LoHa,
+LoKr and VeRA become the LoRA of the same ΔW (see :mod:`.peft_to_lora`). Other PEFT methods are refused.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .atomic import write_directory
@@ -21,6 +24,7 @@ from .errors import InterventionFormatError
 from .gift import PEFT_TYPES as GIFT_TYPES
 from .gift import convert_gift_dir, write_peft_lora_dir
 from .gift_wrapper import gift_root, gift_wrapper_to_lora, read_gift_wrapper
+from .peft_to_lora import CONVERTERS, convert_to_lora, refuse_unservable
 from .sources import load_safetensors, read_json, safe_torch_load
 
 CONFIG_FILE = "adapter_config.json"
@@ -34,7 +38,7 @@ class WeightAdapter:
     path: Path
     rank: int
     target_modules: list[str]
-    source_format: str          # "peft_lora" | "gift"
+    source_format: str          # "peft_lora" | "gift" | "peft_adalora" | "peft_loha" | "peft_lokr" | "peft_vera"
     content_hash: str
     num_parameters: int
 
@@ -44,7 +48,8 @@ class WeightAdapter:
 
 
 def adapter_format(directory: Path) -> str | None:
-    """``"peft_lora"`` or ``"gift"`` when ``directory`` holds such an adapter, else None."""
+    """``"peft_lora"``, ``"gift"`` or ``"peft_<method>"`` (a method converted to a LoRA) when ``directory``
+    holds such an adapter, else None. Any other PEFT method is a 400 naming it and why."""
     if gift_root(directory) is not None:
         return "gift"
     config_path = Path(directory) / CONFIG_FILE
@@ -56,10 +61,12 @@ def adapter_format(directory: Path) -> str | None:
         return "peft_lora"
     if peft_type in GIFT_TYPES:
         return "gift"
-    return None
+    if peft_type in CONVERTERS:
+        return f"peft_{peft_type.lower()}"
+    refuse_unservable(peft_type or "(no peft_type)")
 
 
-def _read_lora_weights(directory: Path) -> dict[str, torch.Tensor]:
+def _read_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
     if (directory / "adapter_model.safetensors").is_file():
         return load_safetensors(directory / "adapter_model.safetensors")
     if (directory / "adapter_model.bin").is_file():
@@ -70,6 +77,13 @@ def _read_lora_weights(directory: Path) -> dict[str, torch.Tensor]:
         return state
     raise InterventionFormatError(f"{directory.name} has {CONFIG_FILE} but no adapter_model.safetensors/.bin",
                                   param="source", code="missing_file")
+
+
+def _linear_shapes(base_model_dir: str) -> dict[str, tuple[int, int]]:
+    """``{module: (out, in)}`` of the base model's 2-D weights, read from the safetensors header only."""
+    with safe_open(str(Path(base_model_dir) / "model.safetensors"), framework="pt") as f:
+        return {key[: -len(".weight")]: tuple(f.get_slice(key).get_shape())
+                for key in f.keys() if key.endswith(".weight") and len(f.get_slice(key).get_shape()) == 2}
 
 
 def _check_lora(config: dict, weights: dict[str, torch.Tensor], max_rank: int) -> int:
@@ -105,7 +119,8 @@ def _hash_dir(directory: Path) -> str:
 
 def load_weight_adapter(directory: str | os.PathLike, dest_root: str | os.PathLike, *, base_model_dir: str,
                         max_rank: int) -> WeightAdapter:
-    """Check a PEFT LoRA or GIFT directory and write the servable copy under ``dest_root``."""
+    """Check a PEFT LoRA / AdaLoRA / LoHa / LoKr / VeRA or GIFT directory and write the servable LoRA copy
+    under ``dest_root``."""
     directory = Path(directory)
     fmt = adapter_format(directory)
     dest_root = Path(dest_root)
@@ -117,9 +132,14 @@ def load_weight_adapter(directory: str | os.PathLike, dest_root: str | os.PathLi
     elif fmt == "gift":
         base = load_file(str(Path(base_model_dir) / "model.safetensors"))
         convert_gift_dir(directory, staging, base, overwrite=True)
+    elif fmt is not None and fmt.startswith("peft_") and fmt != "peft_lora":
+        config = read_json(directory / CONFIG_FILE)
+        pairs = convert_to_lora(str(config["peft_type"]).upper(), config, _read_adapter_weights(directory),
+                                base_shapes=_linear_shapes(base_model_dir), max_rank=max_rank)
+        write_peft_lora_dir(pairs, staging, base_model=config.get("base_model_name_or_path"), overwrite=True)
     elif fmt == "peft_lora":
         config = read_json(directory / CONFIG_FILE)
-        weights = _read_lora_weights(directory)
+        weights = _read_adapter_weights(directory)
         _check_lora(config, weights, max_rank)
         clean = {k: v.contiguous() for k, v in weights.items()}
 

@@ -1,0 +1,86 @@
+"""PEFT AdaLoRA / LoHa / LoKr / VeRA adapters per request through the LoRA slots, beside ReFT and plain requests.
+
+Reference: peft 0.21.2's own ``PeftModel.generate`` (no merge) on each adapter as saved, recorded by
+``tests/fixtures/make_peft_fixtures.py``. The conversion's math is checked engine-free in
+``test_format_peft_methods.py``; this checks the served tokens and the API's refusals.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from live_server import FIXTURES_PEFT
+from steering_helpers import complete, random_loreft, register, tokens
+
+METHODS = ["adalora", "loha", "lokr", "vera"]
+
+
+@pytest.fixture(scope="module")
+def peft_client(small_server):
+    with httpx.Client(base_url=small_server.url, timeout=600, limits=httpx.Limits(max_connections=16)) as c:
+        for method in METHODS:
+            response = c.post("/v1/interventions", json={"id": f"peft-{method}", "source": str(FIXTURES_PEFT / method)})
+            assert response.status_code in (201, 409), response.text
+        yield c
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_greedy_equals_peft_generate(peft_client, method):
+    case = json.loads((FIXTURES_PEFT / f"{method}.json").read_text())
+    described = peft_client.get(f"/v1/interventions/peft-{method}").json()
+    assert described["kind"] == "adapter" and described["format"] == f"peft_{method}"
+    for prompt in case["prompts"]:
+        steered = complete(peft_client, prompt["prompt_ids"], case["max_new_tokens"], intervention=f"peft-{method}")
+        assert tokens(steered) == prompt["steered_ids"], (method, prompt["text"])
+
+
+def test_mixed_burst_equals_peft_generate(peft_client, intervention_dir):
+    """Every method, a ReFT intervention, a ReFT + adapter mix and a plain request in one concurrent burst."""
+    register(peft_client, intervention_dir, "peft-mix-reft", random_loreft(91, 12, positions="all"))
+    cases = {m: json.loads((FIXTURES_PEFT / f"{m}.json").read_text()) for m in METHODS}
+    prompt = cases["loha"]["prompts"][0]
+    n = cases["loha"]["max_new_tokens"]
+    mixes = [{}, {"intervention": "peft-mix-reft"},
+             {"interventions": [{"id": "peft-loha"}, {"id": "peft-mix-reft"}]},
+             *({"intervention": f"peft-{m}"} for m in METHODS)]
+    alone = [tokens(complete(peft_client, prompt["prompt_ids"], n, **m)) for m in mixes[:3]]
+    with cf.ThreadPoolExecutor(len(mixes)) as pool:
+        together = list(pool.map(lambda m: tokens(complete(peft_client, prompt["prompt_ids"], n, **m)), mixes))
+    assert together[0] == prompt["unsteered_ids"]
+    assert together[:3] == alone
+    assert len({tuple(t) for t in together[:3]}) == 3
+    for method, got in zip(METHODS, together[3:]):
+        assert got == cases[method]["prompts"][0]["steered_ids"], method
+
+
+@pytest.mark.parametrize("method", ["prefix_tuning", "oft", "ia3"])
+def test_unservable_method_is_a_400_naming_it(peft_client, method):
+    response = peft_client.post("/v1/interventions", json={"id": f"refused-{method}",
+                                                           "source": str(FIXTURES_PEFT / "refused" / method)})
+    peft_type = json.loads((FIXTURES_PEFT / "refused" / method / "adapter_config.json").read_text())["peft_type"]
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "unsupported_peft_type" and f"PEFT {peft_type} adapters" in error["message"]
+    assert peft_client.get(f"/v1/interventions/refused-{method}").status_code == 404
+
+
+def test_rank_above_max_lora_rank_is_a_400_with_the_numbers(peft_client, intervention_dir):
+    """LoHa of r = 5 is a LoRA of rank 25, above the server's --max-lora-rank 16."""
+    wide = intervention_dir / "loha-r5"
+    wide.mkdir(exist_ok=True)
+    config = json.loads((FIXTURES_PEFT / "loha" / "adapter_config.json").read_text())
+    (wide / "adapter_config.json").write_text(json.dumps({**config, "r": 5}))
+    gen = torch.Generator().manual_seed(5)
+    weights = load_file(str(FIXTURES_PEFT / "loha" / "adapter_model.safetensors"))
+    save_file({k: torch.randn((v.shape[0], 5) if k.endswith("_a") else (5, v.shape[1]), generator=gen)
+               for k, v in weights.items()}, str(wide / "adapter_model.safetensors"))
+    response = peft_client.post("/v1/interventions", json={"id": "loha-r5", "source": str(wide)})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "rank_too_large" and "rank 25" in error["message"] and "16" in error["message"]
+    assert peft_client.get("/v1/interventions/loha-r5").status_code == 404
