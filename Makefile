@@ -25,4 +25,4 @@ serve: $(STAMP)
 	$(VENV)/bin/steer-serve serve --host $(HOST) --port $(PORT) $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25

@@ -27,3 +27,20 @@ def test_steered_throughput_quick_against_running_server(server, tmp_path):
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     remaining = httpx.get(f"{server.url}/v1/interventions").json()["data"]
     assert not [i for i in remaining if i["id"].startswith("bench-")]  # --url cleans up after itself
+
+
+def test_fleet_simulator_affinity_and_random_routing():
+    """The fleet simulator: one replica makes the policies equal; with several, affinity keeps each
+    replica's slots on its own share of the catalogue (hit rate above random), and a catalogue that
+    fits the fleet's slots loads each id at most once under affinity."""
+    import fleet_simulator as sim
+
+    one = [sim.simulate(2000, 1.1, 1, 32, 4000, policy) for policy in ("affinity", "random")]
+    assert one[0] == one[1]
+    affinity, random_ = (sim.simulate(2000, 1.1, 4, 32, 8000, policy) for policy in ("affinity", "random"))
+    assert affinity > random_ + 0.05
+    keys = range(40)
+    fits = max(sum(sim.affinity_replica(k, 4) == r for k in keys) for r in range(4))
+    assert sim.simulate(40, 1.1, 4, fits, 4000, "affinity") >= 1 - 40 / 4000  # at most one load per id
+    assert sim.estimate(0.5, 2, 10.0, 0.1, 100.0) == {"hit_rate": 0.5, "loads_per_s_per_replica": 2.5,
+                                                     "load_busy_fraction": 0.25, "fleet_tok_s": 150.0}

@@ -203,3 +203,53 @@ async def test_routers_see_interventions_in_vllms_lora_metric():
         labels = dict(re.findall(r'(\w+)="([^"]*)"', re.search(r'^vllm:lora_requests_info\{([^}]*)\}',
                                                                 (await client.get("/metrics")).text, re.M)[1]))
         assert labels["running_lora_adapters"] == ""
+
+
+def test_more_than_one_api_server_is_refused_with_the_reason():
+    """vLLM's ``--api-server-count`` > 1 would split the slot assignment: refused at start-up, naming the flag."""
+    from steer_serve.api.vllm_frontend import frontend_args
+
+    assert frontend_args("m", "m", ["--api-server-count", "1"]).api_server_count == 1
+    with pytest.raises(ValueError, match=r"--api-server-count 2: .*one API process per engine"):
+        frontend_args("m", "m", ["--api-server-count", "2"])
+
+
+def _histogram(text: str, name: str) -> tuple[float, float]:
+    """(count, sum) of a Prometheus histogram in ``text``."""
+    values = dict(re.findall(rf"^{name}_(count|sum) (\S+)$", text, re.M))
+    return float(values.get("count", 0)), float(values.get("sum", 0))
+
+
+async def test_a_catalogue_far_larger_than_the_slots_pages_under_zipf_traffic(small_server, intervention_dir):
+    """1,000 registered steering vectors, 2 slots, Zipf(1.1) traffic over them in one concurrent burst
+    of 48 requests: every answer equals its solo answer (the same request alone on the idle server);
+    the slot hit rate and the load latency are read from the metrics and printed."""
+    from steering_helpers import random_vector, register
+
+    catalogue = 1000
+    with httpx.Client(base_url=small_server.url, timeout=600) as client:
+        for k in range(catalogue):
+            register(client, intervention_dir, f"zipf-{k}", random_vector(5000 + k, layer=k % 30,
+                                                                           component="block_output"))
+        rng = torch.Generator().manual_seed(7)
+        weights = torch.tensor([1 / (k + 1) ** 1.1 for k in range(catalogue)])
+        drawn = [int(k) for k in torch.multinomial(weights, 48, replacement=True, generator=rng)]
+        prompt = [504, 3575, 282, 4649, 314]
+
+        def body(k):
+            return {"prompt": prompt, "max_tokens": 4, "temperature": 0, "return_token_ids": True,
+                    "ignore_eos": True, "intervention": f"zipf-{k}"}
+
+        solo = {k: client.post("/v1/completions", json=body(k)).json()["choices"][0]["token_ids"] for k in set(drawn)}
+        assert len(set(map(tuple, solo.values()))) > 1          # the vectors really steer differently
+        before = _histogram(client.get("/metrics").text, "steer_slot_load_seconds")
+    async with httpx.AsyncClient(base_url=small_server.url, timeout=600) as aclient:
+        replies = await asyncio.gather(*(aclient.post("/v1/completions", json=body(k)) for k in drawn))
+        metrics = (await aclient.get("/metrics")).text
+    for k, reply in zip(drawn, replies):
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["token_ids"] == solo[k], k
+    loads, seconds = (a - b for a, b in zip(_histogram(metrics, "steer_slot_load_seconds"), before))
+    print(f"\nZipf paging: {catalogue} registered, 2 slots, {len(drawn)} requests over {len(set(drawn))} ids: "
+          f"slot hit rate {1 - loads / len(drawn):.2f}, {loads:.0f} loads, mean load {1000 * seconds / max(loads, 1):.1f} ms")
+    assert 0 < loads <= len(drawn)

@@ -148,6 +148,10 @@ def frontend_args(model: str, served_model_name: str, passthrough: list[str]) ->
     parser = make_arg_parser(FlexibleArgumentParser(prog="steer-serve serve"))
     args = parser.parse_args([model, "--served-model-name", served_model_name, *passthrough])
     validate_parsed_serve_args(args)
+    if (args.api_server_count or 1) > 1:
+        raise ValueError(f"--api-server-count {args.api_server_count}: steer-serve runs one API process per engine "
+                         "(it owns the intervention slot assignment every request is stamped with); for more "
+                         "front-end capacity run replicas on one --shared-registry behind a router (deploy/)")
     return args
 
 
