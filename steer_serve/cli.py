@@ -49,6 +49,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--shared-registry", action="store_true",
                    help="replicas share --registry-dir (a directory on shared storage): each change is a locked "
                         "read-modify-write, and each replica follows the others' changes")
+    p.add_argument("--registry-store", default=None, metavar="URL",
+                   help="a networked store the replicas of a fleet share (redis://host:port/db); --registry-dir "
+                        "then only holds this replica's local copies of the weights")
     p.add_argument("--registry-poll-interval", type=float, default=1.0,
                    help="seconds between checks of a shared registry for other replicas' changes")
     p.add_argument("--api-key", default=os.environ.get("STEER_SERVE_API_KEY"),
@@ -120,7 +123,8 @@ def _serve(args, vllm_flags: list[str]) -> None:
         host=args.host, port=args.port, allowed_dirs=args.allowed_intervention_dir, preload=preload,
         preload_positions=args.intervention_positions, api_key=args.api_key, admin_api_key=args.admin_api_key,
         allow_hub=not args.no_hub, registry_dir=args.registry_dir,
-        shared_registry=args.shared_registry, registry_poll_interval=args.registry_poll_interval,
+        shared_registry=args.shared_registry, registry_store=args.registry_store,
+        registry_poll_interval=args.registry_poll_interval,
         max_tokens_limit=args.max_tokens_limit,
         max_concurrent_requests=args.max_concurrent_requests,
         max_concurrent_sequences=args.max_concurrent_sequences or 2 * args.max_num_seqs,

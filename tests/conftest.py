@@ -6,7 +6,7 @@ import json
 import httpx
 import pytest
 
-from live_server import FIXTURES, FIXTURES_LORA, FIXTURES_PEFT, ServerProcess
+from live_server import FIXTURES, FIXTURES_LORA, FIXTURES_PEFT, RedisServer, ServerProcess
 
 
 #: vLLM serve flags the default server takes, passed through unchanged (tool calling: SmolLM2 has no
@@ -75,3 +75,20 @@ def guarded_server(tmp_path_factory, intervention_dir):
                          registry_dir=root / "registry", log_path=root / "server.log").start()
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real Redis server on a loopback port, for the networked intervention store."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+_redis_dbs = iter(range(16))
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """A Redis database of its own for one test (Redis has 16)."""
+    return redis_server.url(next(_redis_dbs))

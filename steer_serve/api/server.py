@@ -13,7 +13,7 @@ from steer_serve.api.app import AppState, create_app
 from steer_serve.api.http_protocol import guarded_protocol
 from steer_serve.engine.engine import EngineSettings, SteerEngine
 from steer_serve.model import cache_dir
-from steer_serve.registry import InterventionRegistry, claim_registry_dir
+from steer_serve.registry import InterventionRegistry, claim_registry_dir, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ class ServerSettings:
     allow_hub: bool = True
     registry_dir: str | None = None
     shared_registry: bool = False          # replicas share --registry-dir (registry/store.py)
+    registry_store: str | None = None       # a networked store shared by replicas (registry/redis_store.py)
     registry_poll_interval: float = 1.0    # how often a shared registry is checked for others' changes
     max_tokens_limit: int = 4096
     max_concurrent_requests: int = 256
@@ -60,7 +61,8 @@ async def build_state(engine: SteerEngine, settings: ServerSettings) -> AppState
 
     model_path = engine.settings.model
     persist = registry_path(settings)
-    registry = InterventionRegistry(engine, persist_dir=persist, shared=settings.shared_registry)
+    registry = InterventionRegistry(engine, persist_dir=persist, shared=settings.shared_registry,
+                                    store_url=settings.registry_store)
     restored = await registry.restore()
     if restored:
         logger.warning("restored %d intervention(s) from %s: %s", len(restored), persist, ", ".join(restored))
@@ -138,6 +140,8 @@ async def serve(engine_settings: EngineSettings, settings: ServerSettings) -> No
     """Run until SIGINT/SIGTERM; in-flight requests drain for up to ``drain_timeout`` seconds."""
     # before the engine: a clash fails fast
     registry_lock = claim_registry_dir(registry_path(settings), shared=settings.shared_registry)
+    if settings.registry_store:
+        open_store(registry_path(settings), url=settings.registry_store).check()
     engine = await SteerEngine.start(engine_settings)
 
     async def stop_engine() -> None:
@@ -163,7 +167,7 @@ async def serve(engine_settings: EngineSettings, settings: ServerSettings) -> No
                        state.served_model_name)
         watchdog = asyncio.create_task(_watch_the_engine(engine, state, server))
         follower = asyncio.create_task(state.registry.watch(settings.registry_poll_interval)) \
-            if settings.shared_registry else None
+            if settings.shared_registry or settings.registry_store else None
         await server.serve()
         if watchdog.done() and watchdog.result():
             raise SystemExit(f"steer-serve: {watchdog.result()}; exiting so that a supervisor restarts the server")

@@ -3,7 +3,8 @@
 * :mod:`.catalogue` — ids and their compiled edits (two kinds of entry behind one interface), the
   one geometry check;
 * :mod:`.slot_pool` — device slots: LRU, refcounts, loads outside the lock;
-* :mod:`.store` — persistence under ``--registry-dir``, one atomic writer off the event loop.
+* :mod:`.store` — persistence under ``--registry-dir``, one atomic writer off the event loop;
+  :mod:`.redis_store` — the same in a Redis server, for replicas on different machines.
 
 :class:`InterventionRegistry` composes them into what the API calls: register, patch, delete,
 acquire (pin a request's interventions and build its steering), release, restore.
@@ -25,9 +26,9 @@ from steer_serve.interventions.positions import parse_positions, window_part
 from steer_serve.registry.catalogue import AdapterEntry, Catalogue, Entry, Geometry, InterventionEntry, content_hash
 from steer_serve.registry.errors import RegistryError
 from steer_serve.registry.slot_pool import SlotPool
-from steer_serve.registry.store import RegistryStore, claim_registry_dir
+from steer_serve.registry.store import claim_registry_dir, open_store
 
-__all__ = ["InterventionRegistry", "Lease", "RegistryError", "claim_registry_dir"]
+__all__ = ["InterventionRegistry", "Lease", "RegistryError", "claim_registry_dir", "open_store"]
 logger = logging.getLogger(__name__)
 
 
@@ -42,14 +43,14 @@ class Lease:
 
 
 class InterventionRegistry:
-    def __init__(self, engine, *, persist_dir: Path | None = None, shared: bool = False):
+    def __init__(self, engine, *, persist_dir: Path | None = None, shared: bool = False, store_url: str | None = None):
         self.engine = engine
         self.geometry = Geometry.of(engine.geometry)
         self.max_loras = int(engine.settings.max_loras)
         self.max_lora_rank = int(engine.settings.max_lora_rank)
         self.catalogue = Catalogue()
         self.slots = SlotPool(engine, self.geometry.num_slots)
-        self.store = RegistryStore(persist_dir, shared=shared) if persist_dir is not None else None
+        self.store = open_store(persist_dir, shared=shared, url=store_url)
         self._temp_adapters: Path | None = None
         self._lora_ids = 0
         self._changes = asyncio.Lock()     # one catalogue change (and its write) at a time
@@ -195,13 +196,13 @@ class InterventionRegistry:
         from steer_serve.formats.native import read_native
 
         if record.get("kind") == "adapter":
-            adapter = await asyncio.to_thread(load_weight_adapter, self.adapters_dir / record["weights"],
-                                              self.adapters_dir, base_model_dir=self.engine.settings.model,
+            directory = await asyncio.to_thread(self.store.weights_path, record)
+            adapter = await asyncio.to_thread(load_weight_adapter, directory, self.adapters_dir, base_model_dir=self.engine.settings.model,
                                               max_rank=self.max_lora_rank)
             adapter.source_format = record["format"]
             entry = self._adapter_entry(record["id"], adapter, record["source"])
         else:
-            iv = await asyncio.to_thread(read_native, self.store.weights_dir / record["weights"])
+            iv = await asyncio.to_thread(read_native, await asyncio.to_thread(self.store.weights_path, record))
             iv.positions, iv.scale = record["positions"], record["scale"]
             entry = self._intervention_entry(record["id"], iv, record["source"], record["format"])
         entry.created = record.get("created", entry.created)

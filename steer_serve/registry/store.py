@@ -64,6 +64,16 @@ def claim_registry_dir(path: Path, *, shared: bool = False):
     return handle
 
 
+def open_store(directory: Path | None, *, shared: bool = False, url: str | None = None):
+    """The store a server persists to: a Redis server at ``url`` (``--registry-store``; ``directory`` then
+    holds this replica's local copies of the weights), else ``directory``; None: nothing persists."""
+    if url is not None:
+        from steer_serve.registry.redis_store import RedisStore
+
+        return RedisStore(url, directory if directory is not None else Path(tempfile.mkdtemp(prefix="steer-store-")))
+    return RegistryStore(directory, shared=shared) if directory is not None else None
+
+
 class RegistryStore:
     def __init__(self, root: Path, *, shared: bool = False):
         self.root, self.shared = root, shared
@@ -78,6 +88,10 @@ class RegistryStore:
         except FileNotFoundError:
             return None
         return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+    def weights_path(self, record: dict) -> Path:
+        """The local directory holding ``record``'s weights (native, or a PEFT dir for an adapter)."""
+        return (self.adapters_dir if record.get("kind") == "adapter" else self.weights_dir) / record["weights"]
 
     def records(self) -> dict[str, dict]:
         """id -> record, as persisted now (atomic renames: never a half-written file)."""
