@@ -39,7 +39,7 @@ def slot_bytes(width: int, rank: int) -> int:
     """Bytes one more slot adds to one site's tables of ``width`` columns at ``rank``."""
     import torch
 
-    from kernels.slot_tables import register_slot_tables
+    from steer_serve.kernels.slot_tables import register_slot_tables
 
     def allocated(slots: int) -> int:
         module = torch.nn.Module()

@@ -9,8 +9,10 @@ them), it reports slot hit rate, loads per second per replica and the fleet's th
 
     throughput = R * replica_tok_s * (1 - loads_per_s_per_replica * load_s)
 
-(a slot write stalls that replica's engine for about ``load_s``). Sizing rule printed at the end: the
-smallest S per replica that keeps the hit rate at or above ``--target-hit-rate`` under each policy.
+(a slot write stalls that replica's engine for about ``load_s``). Each row has the hit rate of a
+simulated run (``--requests`` after as many warming ones) and the long-run one (Che's approximation
+for LRU; the throughput columns use it). Sizing rule printed at the end: the smallest S per replica
+whose long-run hit rate reaches ``--target-hit-rate`` under each policy.
 
     python benchmarks/fleet_simulator.py [--capacity benchmarks/results/capacity.json] [--catalogue 10000]
 
@@ -62,17 +64,50 @@ def affinity_replica(key: int, replicas: int) -> int:
 
 def simulate(catalogue: int, zipf_s: float, replicas: int, slots: int, requests: int, policy: str,
              seed: int = 0) -> float:
-    """Slot hit rate of ``requests`` Zipf requests (the first 10 % warm the slots and are not counted)."""
+    """Steady-state slot hit rate of ``requests`` Zipf requests, after as many uncounted ones that fill the
+    slots (otherwise the first use of each id, a miss no slot count avoids, would dominate)."""
     draw = zipf_sampler(catalogue, zipf_s, random.Random(seed))
     route = random.Random(seed + 1)  # its own stream: both policies see the same requests
     fleet = [LruSlots(slots) for _ in range(replicas)]
-    warm, hits = requests // 10, 0
+    warm, hits = requests, 0
     for i in range(requests + warm):
         key = draw()
         replica = affinity_replica(key, replicas) if policy == "affinity" else route.randrange(replicas)
         hit = fleet[replica].use(key)
         hits += hit and i >= warm
     return hits / requests
+
+
+def steady_hit_rate(catalogue: int, zipf_s: float, replicas: int, slots: int, policy: str) -> float:
+    """Long-run LRU hit rate by Che's approximation (what ``simulate`` tends to over a long enough run):
+    item k stays cached with probability 1 - exp(-p_k T), where T makes the expected count equal to
+    ``slots``. Affinity: each replica sees only its ids (renormalised); random: every replica sees all."""
+    import numpy as np
+
+    popularity = 1.0 / np.arange(1, catalogue + 1) ** zipf_s
+    popularity /= popularity.sum()
+    if policy == "affinity":
+        owner = np.array([affinity_replica(k, replicas) for k in range(catalogue)])
+        shares = [popularity[owner == r] for r in range(replicas)]
+    else:
+        shares = [popularity]
+    total = 0.0
+    for share in shares:
+        mass = share.sum()
+        if mass == 0:
+            continue
+        p = share / mass
+        if slots >= len(p):
+            total += mass
+            continue
+        low, high = 0.0, 1.0
+        while np.sum(1 - np.exp(-p * high)) < slots:
+            high *= 2
+        for _ in range(100):
+            mid = (low + high) / 2
+            low, high = (mid, high) if np.sum(1 - np.exp(-p * mid)) < slots else (low, mid)
+        total += mass * float(np.sum(p * (1 - np.exp(-p * high))))
+    return total
 
 
 def estimate(hit_rate: float, replicas: int, rate: float, load_s: float, replica_tok_s: float) -> dict:
@@ -83,12 +118,12 @@ def estimate(hit_rate: float, replicas: int, rate: float, load_s: float, replica
             "fleet_tok_s": replicas * replica_tok_s * (1 - busy)}
 
 
-def smallest_slots(catalogue: int, zipf_s: float, replicas: int, policy: str, target: float, requests: int,
-                   max_slots: int = 4096) -> int | None:
-    """The smallest power-of-two-ish S reaching ``target`` hit rate (None if even ``max_slots`` does not)."""
+def smallest_slots(catalogue: int, zipf_s: float, replicas: int, policy: str, target: float,
+                   max_slots: int = 1 << 16) -> int | None:
+    """The smallest power of two S whose long-run hit rate reaches ``target`` (None if ``max_slots`` does not)."""
     slots = 1
     while slots <= max_slots:
-        if simulate(catalogue, zipf_s, replicas, slots, requests, policy) >= target:
+        if steady_hit_rate(catalogue, zipf_s, replicas, slots, policy) >= target:
             return slots
         slots *= 2
     return None
@@ -117,13 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         for slots in args.slots:
             for policy in ("affinity", "random"):
                 hit = simulate(args.catalogue, args.zipf, replicas, slots, args.requests, policy)
-                rows.append({"replicas": replicas, "slots": slots, "policy": policy,
-                             **estimate(hit, replicas, args.rate, load_s, replica_tok_s)})
+                steady = steady_hit_rate(args.catalogue, args.zipf, replicas, slots, policy)
+                rows.append({"replicas": replicas, "slots": slots, "policy": policy, "simulated_hit_rate": hit,
+                             **estimate(steady, replicas, args.rate, load_s, replica_tok_s)})
                 r = rows[-1]
-                print(f"R={replicas:<3} S={slots:<4} {policy:<8} hit {hit:.3f}  loads/s/replica "
+                print(f"R={replicas:<3} S={slots:<4} {policy:<8} hit simulated {hit:.3f} long-run {steady:.3f}  loads/s/replica "
                       f"{r['loads_per_s_per_replica']:7.2f}  fleet tok/s {r['fleet_tok_s']:9.1f}", flush=True)
-    sizing = {f"R={r}": {policy: smallest_slots(args.catalogue, args.zipf, r, policy, args.target_hit_rate,
-                                                args.requests // 5) for policy in ("affinity", "random")}
+    sizing = {f"R={r}": {policy: smallest_slots(args.catalogue, args.zipf, r, policy, args.target_hit_rate)
+                         for policy in ("affinity", "random")}
               for r in args.replicas}
     print(f"slots per replica for hit rate >= {args.target_hit_rate}: {sizing}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

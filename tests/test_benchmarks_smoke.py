@@ -42,5 +42,8 @@ def test_fleet_simulator_affinity_and_random_routing():
     keys = range(40)
     fits = max(sum(sim.affinity_replica(k, 4) == r for k in keys) for r in range(4))
     assert sim.simulate(40, 1.1, 4, fits, 4000, "affinity") >= 1 - 40 / 4000  # at most one load per id
+    for policy in ("affinity", "random"):      # the long-run rate (Che) is what a long simulation reaches
+        assert abs(sim.steady_hit_rate(500, 1.1, 2, 32, policy) - sim.simulate(500, 1.1, 2, 32, 20000, policy)) < 0.03
+    assert sim.steady_hit_rate(40, 1.1, 4, fits, "affinity") == 1.0
     assert sim.estimate(0.5, 2, 10.0, 0.1, 100.0) == {"hit_rate": 0.5, "loads_per_s_per_replica": 2.5,
                                                      "load_busy_fraction": 0.25, "fleet_tok_s": 150.0}
