@@ -24,6 +24,8 @@ each item below may change without notice. What the engine relies on in vLLM 0.3
   ``model_config.hf_config`` / ``hf_text_config`` / ``get_hidden_size()`` (``model.py``), and
   ``PPMissingLayer``, what stands in for the layers of other pipeline stages
   (:func:`is_pipeline_placeholder`);
+* ``GPUModelRunner.intermediate_tensors`` / ``max_num_tokens`` and the model's
+  ``make_empty_intermediate_tensors`` on later pipeline stages (:func:`allocate_pipeline_buffers`);
 * the CPU LoRA torch ops: ``vllm.lora.ops.torch_ops.lora_ops.bgmv_shrink`` and the copy of that
   name in ``vllm.lora.punica_wrapper.punica_cpu`` (:func:`patch_cpu_lora_ops`);
 * ``AsyncLLM.errored`` / ``dead_error`` and ``is_sleeping()`` as a round trip served between steps
@@ -124,6 +126,18 @@ def install_step_hook(runner, fill) -> None:
 
     runner._prepare_inputs = prepare_inputs_then_fill
     runner._steer_installed = True
+
+
+def allocate_pipeline_buffers(runner) -> None:
+    """On a pipeline stage after the first, allocate the runner's buffer for the hidden states it
+    receives, as vLLM's dummy run does: the CPU runner skips that run in eager mode, and the first
+    step then fails (``assert self.intermediate_tensors is not None``). Idempotent."""
+    from vllm.distributed.parallel_state import get_pp_group
+
+    if get_pp_group().is_first_rank or runner.intermediate_tensors is not None:
+        return
+    runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
+        batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device)
 
 
 def _mask_no_lora_rows(bgmv_shrink):

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from steer_serve.engine.model import steerable_model
-from steer_serve.engine.vllm_internals import install_step_hook
+from steer_serve.engine.vllm_internals import allocate_pipeline_buffers, install_step_hook
 from steer_serve.interventions.base import LowRankEdit
 
 _LOWRANK_FIELDS = ("W", "b", "P", "U", "v", "z")
@@ -57,16 +57,20 @@ class SteerWorkerExtension:
         """Hook the runner's per-step input preparation; returns the table geometry."""
         model = self._steer_model()
         install_step_hook(self.model_runner, model.steer_step_state.prepare)
+        allocate_pipeline_buffers(self.model_runner)
         return model.steer_geometry
 
     def steer_write_slot(self, slot: int, blob: bytes, meta_json: str) -> None:
         """Write one intervention into ``slot`` of every layer (sites it doesn't touch are cleared)."""
         model = self._steer_model()
         edits = _decode_slot_payload(blob, meta_json)
+        geometry = model.steer_geometry
+        for layer_idx, component in edits:
+            if not (0 <= layer_idx < geometry["num_layers"] and component in geometry["components"]):
+                raise ValueError(f"site (layer {layer_idx}, {component}) is not hooked in this engine")
+        # a pipeline stage holds only its own layers; the other stages write theirs
         hooked = {(layer.layer_idx, component) for layer in model.steer_layers for component in layer.components}
-        for site in edits:
-            if site not in hooked:
-                raise ValueError(f"site (layer {site[0]}, {site[1]}) is not hooked in this engine")
+        edits = {site: edit for site, edit in edits.items() if site in hooked}
         for layer in model.steer_layers:
             for component in layer.components:
                 edit = edits.get((layer.layer_idx, component))
