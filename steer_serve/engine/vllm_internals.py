@@ -26,6 +26,9 @@ each item below may change without notice. What the engine relies on in vLLM 0.3
   (:func:`is_pipeline_placeholder`);
 * the CPU LoRA torch ops: ``vllm.lora.ops.torch_ops.lora_ops.bgmv_shrink`` and the copy of that
   name in ``vllm.lora.punica_wrapper.punica_cpu`` (:func:`patch_cpu_lora_ops`);
+* vLLM's LoRA layers (``vllm.lora.layers.BaseLayerWithLoRA``) replacing a linear module after the
+  model is built, holding it as ``base_layer`` and computing through its ``quant_method`` without
+  calling it, with the same arguments and outputs (:func:`carry_hooks_to_lora_wrappers`);
 * ``AsyncLLM.errored`` / ``dead_error`` and ``is_sleeping()`` as a round trip served between steps
   (the watchdog, ``engine.py``); ``ModelRegistry.register_model`` (``plugin.py``).
 
@@ -124,6 +127,33 @@ def install_step_hook(runner, fill) -> None:
 
     runner._prepare_inputs = prepare_inputs_then_fill
     runner._steer_installed = True
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called")
+
+
+def carry_hooks_to_lora_wrappers(model: torch.nn.Module) -> int:
+    """Move the hooks of every module vLLM's LoRA support wrapped onto its wrapper; returns how many moved.
+
+    With ``--max-loras`` vLLM replaces ``qkv_proj``, ``o_proj``, … by LoRA layers that compute through the
+    wrapped module's ``quant_method`` and never call it, so a hook left there (the q/k/v slices, the
+    output projection's input) would never fire. On the wrapper it sees the adapted output, as a hook on
+    the module PEFT wraps does. Idempotent.
+    """
+    from vllm.lora.layers import BaseLayerWithLoRA
+
+    moved = 0
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if not isinstance(module, BaseLayerWithLoRA) or not isinstance(base, torch.nn.Module):
+            continue
+        if any(getattr(base, name) for name in _HOOK_DICTS):
+            for name in _HOOK_DICTS:
+                getattr(module, name).update(getattr(base, name))
+                getattr(base, name).clear()
+            moved += 1
+    return moved
 
 
 def _mask_no_lora_rows(bgmv_shrink):

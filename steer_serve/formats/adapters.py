@@ -4,7 +4,8 @@ prepared for vLLM's LoRA path.
 All end up as a PEFT LoRA directory the server owns (copied, re-saved as safetensors, checked):
 vLLM's multi-LoRA support serves it per request. GIFT (``W' = W + s·W φᵀ ψ``) becomes the LoRA pair
 ``A = ψ``, ``B_l = s·W_l φᵀ`` (see :mod:`.gift`), which needs the base model's weights; AdaLoRA, LoHa,
-LoKr and VeRA become the LoRA of the same ΔW (see :mod:`.peft_to_lora`). Other PEFT methods are refused.
+LoKr and VeRA become the LoRA of the same ΔW (see :mod:`.peft_to_lora`). IA3 is an intervention, not an
+adapter (see :mod:`.peft_ia3`). Other PEFT methods are refused.
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ class WeightAdapter:
 
 def adapter_format(directory: Path) -> str | None:
     """``"peft_lora"``, ``"gift"`` or ``"peft_<method>"`` (a method converted to a LoRA) when ``directory``
-    holds such an adapter, else None. Any other PEFT method is a 400 naming it and why."""
+    holds such an adapter, else None (also for IA3, an intervention). Any other PEFT method is a 400 naming it
+    and why."""
     if gift_root(directory) is not None:
         return "gift"
     config_path = Path(directory) / CONFIG_FILE
@@ -63,10 +65,12 @@ def adapter_format(directory: Path) -> str | None:
         return "gift"
     if peft_type in CONVERTERS:
         return f"peft_{peft_type.lower()}"
+    if peft_type == "IA3":  # served by the intervention slots
+        return None
     refuse_unservable(peft_type or "(no peft_type)")
 
 
-def _read_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
+def read_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
     if (directory / "adapter_model.safetensors").is_file():
         return load_safetensors(directory / "adapter_model.safetensors")
     if (directory / "adapter_model.bin").is_file():
@@ -134,12 +138,12 @@ def load_weight_adapter(directory: str | os.PathLike, dest_root: str | os.PathLi
         convert_gift_dir(directory, staging, base, overwrite=True)
     elif fmt is not None and fmt.startswith("peft_") and fmt != "peft_lora":
         config = read_json(directory / CONFIG_FILE)
-        pairs = convert_to_lora(str(config["peft_type"]).upper(), config, _read_adapter_weights(directory),
+        pairs = convert_to_lora(str(config["peft_type"]).upper(), config, read_adapter_weights(directory),
                                 base_shapes=_linear_shapes(base_model_dir), max_rank=max_rank)
         write_peft_lora_dir(pairs, staging, base_model=config.get("base_model_name_or_path"), overwrite=True)
     elif fmt == "peft_lora":
         config = read_json(directory / CONFIG_FILE)
-        weights = _read_adapter_weights(directory)
+        weights = read_adapter_weights(directory)
         _check_lora(config, weights, max_rank)
         clean = {k: v.contiguous() for k, v in weights.items()}
 

@@ -44,8 +44,6 @@ REFUSED = {
             "LoRA slots can serve",
     "POLY": "it mixes LoRA skills with a per-task router that needs a task id per request, which the API "
             "does not carry",
-    "IA3": "its elementwise rescaling of key, value and MLP activations is not served yet (it is not a "
-           "low-rank weight delta)",
 }
 
 
@@ -168,7 +166,7 @@ def _base_shape(base_shapes: dict[str, tuple[int, int]], module: str, method: st
 
 def refuse_unservable(peft_type: str) -> None:
     """A 400 naming ``peft_type`` and why it cannot be served per request."""
-    reason = REFUSED.get(peft_type, "this server serves PEFT LoRA, AdaLoRA, LoHa, LoKr and VeRA adapters only")
+    reason = REFUSED.get(peft_type, "this server serves PEFT LoRA, AdaLoRA, LoHa, LoKr, VeRA and IA3 adapters only")
     raise InterventionFormatError(f"PEFT {peft_type} adapters cannot be served per request: {reason}",
                                   param="peft_type", code="unsupported_peft_type")
 
