@@ -21,7 +21,7 @@ from steer_serve.model import DEFAULT_MODEL_NAME, cache_dir
 FIXTURES_PEFT = Path(__file__).parent / "fixtures" / "data_peft"
 CONVERTED = {"adalora": 4, "loha": 4, "lokr": 8, "vera": 8}   # method → LoRA rank once converted
 REFUSED = ["prefix_tuning", "adaption_prompt", "oft", "boft", "poly", "prompt_tuning", "p_tuning",
-           "multitask_prompt_tuning", "ia3"]
+           "multitask_prompt_tuning"]
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +128,14 @@ def test_tensors_of_inconsistent_shapes_are_a_format_error(base_model_dir, tmp_p
     with pytest.raises(InterventionFormatError) as err:
         load_weight_adapter(adapter, tmp_path / "out", base_model_dir=base_model_dir, max_rank=16)
     assert "inconsistent shapes" in str(err.value)
+
+
+def test_dora_is_refused_with_its_reason(base_model_dir, tmp_path):
+    adapter = tmp_path / "dora"
+    shutil.copytree(FIXTURES_PEFT.parent / "data_lora" / "peft_lora", adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(InterventionFormatError) as err:
+        load_weight_adapter(adapter, tmp_path / "out", base_model_dir=base_model_dir, max_rank=16)
+    assert err.value.code == "unsupported_peft_type" and err.value.param == "use_dora"
+    assert "magnitude / ‖W + s·BA‖" in err.value.message

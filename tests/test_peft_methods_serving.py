@@ -58,7 +58,7 @@ def test_mixed_burst_equals_peft_generate(peft_client, intervention_dir):
         assert got == cases[method]["prompts"][0]["steered_ids"], method
 
 
-@pytest.mark.parametrize("method", ["prefix_tuning", "oft", "ia3"])
+@pytest.mark.parametrize("method", ["prefix_tuning", "oft", "prompt_tuning"])
 def test_unservable_method_is_a_400_naming_it(peft_client, method):
     response = peft_client.post("/v1/interventions", json={"id": f"refused-{method}",
                                                            "source": str(FIXTURES_PEFT / "refused" / method)})
@@ -84,3 +84,42 @@ def test_rank_above_max_lora_rank_is_a_400_with_the_numbers(peft_client, interve
     error = response.json()["error"]
     assert error["code"] == "rank_too_large" and "rank 25" in error["message"] and "16" in error["message"]
     assert peft_client.get("/v1/interventions/loha-r5").status_code == 404
+
+
+IA3 = ["ia3", "ia3_sites"]
+
+
+@pytest.fixture(scope="module")
+def ia3_client(peft_client):
+    for name in IA3:
+        response = peft_client.post("/v1/interventions", json={"id": f"peft-{name}", "source": str(FIXTURES_PEFT / name)})
+        assert response.status_code in (201, 409), response.text
+    return peft_client
+
+
+@pytest.mark.parametrize("name", IA3)
+def test_ia3_greedy_equals_peft_generate(ia3_client, name):
+    """IA3 served by the intervention slots on a server with LoRA on: its k/v/q slices and o_proj input
+    hooks sit on vLLM's LoRA layers, and still fire."""
+    case = json.loads((FIXTURES_PEFT / f"{name}.json").read_text())
+    described = ia3_client.get(f"/v1/interventions/peft-{name}").json()
+    assert described["kind"] == "intervention" and described["format"] == "peft_ia3"
+    for prompt in case["prompts"]:
+        steered = complete(ia3_client, prompt["prompt_ids"], case["max_new_tokens"], intervention=f"peft-{name}")
+        assert tokens(steered) == prompt["steered_ids"], (name, prompt["text"])
+
+
+def test_ia3_in_a_mixed_burst_equals_peft_generate(ia3_client, intervention_dir):
+    """IA3, a ReFT intervention, a converted adapter, IA3 + adapter, IA3 + ReFT and a plain request at once."""
+    register(ia3_client, intervention_dir, "peft-mix-reft", random_loreft(91, 12, positions="all"))
+    ia3, loha = (json.loads((FIXTURES_PEFT / f"{m}.json").read_text()) for m in ("ia3", "loha"))
+    prompt, n = ia3["prompts"][1], ia3["max_new_tokens"]
+    mixes = [{}, {"intervention": "peft-ia3"}, {"intervention": "peft-loha"}, {"intervention": "peft-mix-reft"},
+             {"interventions": [{"id": "peft-ia3"}, {"id": "peft-loha"}]},
+             {"interventions": [{"id": "peft-ia3"}, {"id": "peft-mix-reft"}]}]
+    alone = [tokens(complete(ia3_client, prompt["prompt_ids"], n, **m)) for m in mixes]
+    with cf.ThreadPoolExecutor(len(mixes)) as pool:
+        together = list(pool.map(lambda m: tokens(complete(ia3_client, prompt["prompt_ids"], n, **m)), mixes))
+    assert together == alone
+    assert together[:3] == [prompt["unsteered_ids"], prompt["steered_ids"], loha["prompts"][1]["steered_ids"]]
+    assert len({tuple(t) for t in together}) == len(mixes)

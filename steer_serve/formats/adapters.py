@@ -29,7 +29,12 @@ from .peft_to_lora import CONVERTERS, convert_to_lora, refuse_unservable
 from .sources import load_safetensors, read_json, safe_torch_load
 
 CONFIG_FILE = "adapter_config.json"
-_UNSUPPORTED_OPTIONS = ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern")
+_UNSUPPORTED_OPTIONS = ("modules_to_save", "rank_pattern", "alpha_pattern")
+#: peft's DoRA (``lora/dora.py``): ``y = g ⊙ (W + s·BA)x + b``, ``g = m / ‖W + s·BA‖`` per output row.
+_DORA_REFUSAL = ("PEFT LoRA with use_dora=True (DoRA) cannot be served yet: DoRA's output is the LoRA's, rescaled "
+                 "per output channel by magnitude / ‖W + s·BA‖ (a constant at inference), so it needs a LoRA slot "
+                 "and an elementwise scale at the adapted module's output under one id, which this server does "
+                 "not register yet")
 
 
 @dataclass
@@ -98,6 +103,8 @@ def _check_lora(config: dict, weights: dict[str, torch.Tensor], max_rank: int) -
     if rank > max_rank:
         raise InterventionFormatError(f"LoRA rank {rank} exceeds this server's --max-lora-rank {max_rank}",
                                       param="r", code="rank_too_large")
+    if config.get("use_dora"):
+        raise InterventionFormatError(_DORA_REFUSAL, param="use_dora", code="unsupported_peft_type")
     for option in _UNSUPPORTED_OPTIONS:
         if config.get(option):
             raise InterventionFormatError(f"adapter_config.json: {option} is not supported", param=option)
