@@ -20,8 +20,7 @@ from steer_serve.model import DEFAULT_MODEL_NAME, cache_dir
 
 FIXTURES_PEFT = Path(__file__).parent / "fixtures" / "data_peft"
 CONVERTED = {"adalora": 4, "loha": 4, "lokr": 8, "vera": 8}   # method → LoRA rank once converted
-REFUSED = ["prefix_tuning", "adaption_prompt", "oft", "boft", "poly", "prompt_tuning", "p_tuning",
-           "multitask_prompt_tuning"]
+REFUSED = ["prefix_tuning", "adaption_prompt", "oft", "boft", "poly"]
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from .errors import InterventionFormatError
 from .gift import PEFT_TYPES as GIFT_TYPES
 from .gift import convert_gift_dir, write_peft_lora_dir
 from .gift_wrapper import gift_root, gift_wrapper_to_lora, read_gift_wrapper
+from .peft_prompt import PEFT_TYPES as PROMPT_TYPES
 from .peft_to_lora import CONVERTERS, convert_to_lora, refuse_unservable
 from .sources import load_safetensors, read_json, safe_torch_load
 
@@ -55,8 +56,8 @@ class WeightAdapter:
 
 def adapter_format(directory: Path) -> str | None:
     """``"peft_lora"``, ``"gift"`` or ``"peft_<method>"`` (a method converted to a LoRA) when ``directory``
-    holds such an adapter, else None (also for IA3, an intervention). Any other PEFT method is a 400 naming it
-    and why."""
+    holds such an adapter, else None (also for IA3, an intervention, and the prompt-space methods). Any other
+    PEFT method is a 400 naming it and why."""
     if gift_root(directory) is not None:
         return "gift"
     config_path = Path(directory) / CONFIG_FILE
@@ -70,7 +71,7 @@ def adapter_format(directory: Path) -> str | None:
         return "gift"
     if peft_type in CONVERTERS:
         return f"peft_{peft_type.lower()}"
-    if peft_type == "IA3":  # served by the intervention slots
+    if peft_type == "IA3" or peft_type in PROMPT_TYPES:  # an intervention; virtual tokens (see .peft_prompt)
         return None
     refuse_unservable(peft_type or "(no peft_type)")
 

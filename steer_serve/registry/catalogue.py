@@ -1,9 +1,10 @@
 """The catalogue: registered ids and their compiled edits, with the one geometry check.
 
-An entry is one of two kinds behind one small interface: an :class:`InterventionEntry` (compiled
+An entry is one of three kinds behind one small interface: an :class:`InterventionEntry` (compiled
 once into per-site low-rank edits, kept on the CPU, one :class:`Part` per device slot; edits acting
-on different positions, pyreft's two interventions per layer, are separate parts) or an
-:class:`AdapterEntry` (a weight-space adapter riding on vLLM's LoRA slots, no parts).
+on different positions, pyreft's two interventions per layer, are separate parts), an
+:class:`AdapterEntry` (a weight-space adapter riding on vLLM's LoRA slots, no parts) or a
+:class:`PromptEntry` (virtual tokens prepended to the prompt's embeddings, no parts).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from steer_serve.formats.adapters import WeightAdapter
+from steer_serve.formats.peft_prompt import PromptAdapter
 from steer_serve.interventions import edit_config, get_family
 from steer_serve.interventions.base import Intervention, LowRankEdit
 from steer_serve.interventions.positions import parse_positions
@@ -119,6 +121,21 @@ class AdapterEntry(Entry):
 
     def status(self) -> str:
         return "adapter"
+
+
+@dataclass(eq=False)
+class PromptEntry(Entry):
+    kind: ClassVar[str] = "prompt"
+    prompt: PromptAdapter = field(kw_only=True)
+
+    def set_defaults(self, *, scale: float | None, positions: str | None) -> None:
+        raise RegistryError(f"{self.id!r} is a prompt-space adapter (virtual tokens): it has no scale or positions")
+
+    def details(self) -> dict:
+        return self.prompt.describe()
+
+    def status(self) -> str:
+        return "prompt"
 
 
 def compile_parts(iv: Intervention, *, widths: dict[str, int], heads: dict[str, int]) -> list[Part]:
