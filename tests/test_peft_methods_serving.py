@@ -193,3 +193,25 @@ def test_prompt_registration_refuses_fields_it_would_ignore(prompt_client):
     response = prompt_client.post("/v1/interventions", json={"id": "ia3-task", "source": str(FIXTURES_PEFT / "ia3"),
                                                              "task_id": 0})
     assert response.status_code == 400 and response.json()["error"]["param"] == "task_id"
+
+
+def test_dora_greedy_equals_peft_generate_alone_and_beside_ia3_and_reft(prompt_client, intervention_dir):
+    """DoRA = its LoRA (LoRA slot) + its output scales (intervention slot) under one id; in a burst with IA3,
+    a ReFT on the same request, prompt tuning and a plain request."""
+    response = prompt_client.post("/v1/interventions", json={"id": "peft-dora", "source": str(FIXTURES_PEFT / "dora")})
+    assert response.status_code in (201, 409), response.text
+    described = prompt_client.get("/v1/interventions/peft-dora").json()
+    assert described["kind"] == "adapter" and described["format"] == "peft_dora" and len(described["output_scales"]) == 8
+    case = json.loads((FIXTURES_PEFT / "dora.json").read_text())
+    for prompt in case["prompts"]:
+        steered = complete(prompt_client, prompt["prompt_ids"], case["max_new_tokens"], intervention="peft-dora")
+        assert tokens(steered) == prompt["steered_ids"], prompt["text"]
+    register(prompt_client, intervention_dir, "peft-mix-reft", random_loreft(91, 12, positions="all"))
+    prompt, n = case["prompts"][2], case["max_new_tokens"]
+    mixes = [{}, {"intervention": "peft-dora"}, {"interventions": [{"id": "peft-dora"}, {"id": "peft-mix-reft"}]},
+             {"interventions": [{"id": "peft-dora"}, {"id": "peft-prompt_tuning"}]}, {"intervention": "peft-ia3"}]
+    alone = [tokens(complete(prompt_client, prompt["prompt_ids"], n, **m)) for m in mixes]
+    with cf.ThreadPoolExecutor(len(mixes)) as pool:
+        together = list(pool.map(lambda m: tokens(complete(prompt_client, prompt["prompt_ids"], n, **m)), mixes))
+    assert together == alone
+    assert together[:2] == [prompt["unsteered_ids"], prompt["steered_ids"]]

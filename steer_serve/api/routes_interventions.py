@@ -89,7 +89,8 @@ async def create_intervention(request: Request):
                 raise APIError(400, "this server serves no weight-space adapters (PEFT LoRA / GIFT); start it with "
                                "--max-loras N", code="adapters_disabled", param="source")
             adapter = await asyncio.to_thread(load_weight_adapter, directory, state.registry.adapters_dir,
-                                              base_model_dir=state.model_path, max_rank=state.registry.max_lora_rank)
+                                              base_model_dir=state.model_path, max_rank=state.registry.max_lora_rank,
+                                              prompt_embeds=state.prompt_embedder is not None)
             entry = await state.registry.register_adapter(body.id, adapter, source=body.source, replace=body.replace)
             return JSONResponse(describe_entry(state, entry), status_code=201)
         state.registry.geometry.require_interventions()

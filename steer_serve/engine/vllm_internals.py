@@ -26,6 +26,9 @@ each item below may change without notice. What the engine relies on in vLLM 0.3
   (:func:`is_pipeline_placeholder`);
 * the CPU LoRA torch ops: ``vllm.lora.ops.torch_ops.lora_ops.bgmv_shrink`` and the copy of that
   name in ``vllm.lora.punica_wrapper.punica_cpu`` (:func:`patch_cpu_lora_ops`);
+* with ``--enable-prompt-embeds``, the runner's ``_preprocess`` embedding only a step's token-id
+  positions through ``model.embed_input_ids``, and ``VocabParallelEmbeddingWithLoRA`` reading
+  ``punica_wrapper.token_lora_indices`` for every scheduled token (:func:`embed_token_subsets_without_lora`);
 * vLLM's LoRA layers (``vllm.lora.layers.BaseLayerWithLoRA``) replacing a linear module after the
   model is built, holding it as ``base_layer`` and computing through its ``quant_method`` without
   calling it, with the same arguments and outputs (:func:`carry_hooks_to_lora_wrappers`);
@@ -154,6 +157,29 @@ def carry_hooks_to_lora_wrappers(model: torch.nn.Module) -> int:
                 getattr(base, name).clear()
             moved += 1
     return moved
+
+
+def embed_token_subsets_without_lora(model: torch.nn.Module) -> int:
+    """Let a step mixing prompt-embeds and token positions run with LoRA on; returns the layers patched.
+
+    With ``--enable-prompt-embeds`` vLLM 0.32 embeds only the token-id positions of a step, but its LoRA
+    embedding layer reads a LoRA index for every scheduled token: the shapes differ and the engine dies.
+    Such a subset goes through the plain embedding instead, which is exact because no adapter served
+    here adapts the input embedding (``formats.adapters`` refuses those while prompt embeddings are on).
+    """
+    from vllm.lora.layers import VocabParallelEmbeddingWithLoRA
+
+    patched = 0
+    for module in model.modules():
+        if isinstance(module, VocabParallelEmbeddingWithLoRA) and "forward" not in vars(module):
+            def forward(x: torch.Tensor, layer=module, full=module.forward) -> torch.Tensor:
+                if x.shape[0] != layer.punica_wrapper.token_lora_indices.shape[0]:
+                    return layer.base_layer.forward(x)
+                return full(x)
+
+            module.forward = forward
+            patched += 1
+    return patched
 
 
 def _mask_no_lora_rows(bgmv_shrink):

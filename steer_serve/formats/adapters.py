@@ -4,7 +4,8 @@ prepared for vLLM's LoRA path.
 All end up as a PEFT LoRA directory the server owns (copied, re-saved as safetensors, checked):
 vLLM's multi-LoRA support serves it per request. GIFT (``W' = W + s·W φᵀ ψ``) becomes the LoRA pair
 ``A = ψ``, ``B_l = s·W_l φᵀ`` (see :mod:`.gift`), which needs the base model's weights; AdaLoRA, LoHa,
-LoKr and VeRA become the LoRA of the same ΔW (see :mod:`.peft_to_lora`). IA3 is an intervention, not an
+LoKr and VeRA become the LoRA of the same ΔW (see :mod:`.peft_to_lora`); DoRA a LoRA plus per-output-channel
+scales the intervention slots apply (see :mod:`.dora`). IA3 is an intervention, not an
 adapter (see :mod:`.peft_ia3`). Other PEFT methods are refused.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .atomic import write_directory
+from .dora import dora_to_lora
 from .errors import InterventionFormatError
 from .gift import PEFT_TYPES as GIFT_TYPES
 from .gift import convert_gift_dir, write_peft_lora_dir
@@ -30,12 +32,9 @@ from .peft_to_lora import CONVERTERS, convert_to_lora, refuse_unservable
 from .sources import load_safetensors, read_json, safe_torch_load
 
 CONFIG_FILE = "adapter_config.json"
-_UNSUPPORTED_OPTIONS = ("modules_to_save", "rank_pattern", "alpha_pattern")
-#: peft's DoRA (``lora/dora.py``): ``y = g ⊙ (W + s·BA)x + b``, ``g = m / ‖W + s·BA‖`` per output row.
-_DORA_REFUSAL = ("PEFT LoRA with use_dora=True (DoRA) cannot be served yet: DoRA's output is the LoRA's, rescaled "
-                 "per output channel by magnitude / ‖W + s·BA‖ (a constant at inference), so it needs a LoRA slot "
-                 "and an elementwise scale at the adapted module's output under one id, which this server does "
-                 "not register yet")
+#: in an owned copy of a DoRA: its output scales, ``<layer>.<component>`` → g
+SCALES_FILE = "output_scales.safetensors"
+_UNSUPPORTED_OPTIONS = ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern")
 
 
 @dataclass
@@ -45,13 +44,19 @@ class WeightAdapter:
     path: Path
     rank: int
     target_modules: list[str]
-    source_format: str          # "peft_lora" | "gift" | "peft_adalora" | "peft_loha" | "peft_lokr" | "peft_vera"
+    source_format: str          # "peft_lora" | "peft_dora" | "gift" | "peft_adalora" | "peft_loha" | "peft_lokr" | …
     content_hash: str
     num_parameters: int
+    #: DoRA's per-output-channel scales, ``{(layer, component): g}``, applied by the intervention slots
+    output_scales: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
     def describe(self) -> dict:
-        return {"families": [self.source_format], "rank": self.rank, "target_modules": self.target_modules,
-                "num_parameters": self.num_parameters, "source_format": self.source_format}
+        out = {"families": [self.source_format], "rank": self.rank, "target_modules": self.target_modules,
+               "num_parameters": self.num_parameters, "source_format": self.source_format}
+        if self.output_scales:
+            out["output_scales"] = [{"layer": layer, "component": component}
+                                    for layer, component in sorted(self.output_scales)]
+        return out
 
 
 def adapter_format(directory: Path) -> str | None:
@@ -66,7 +71,7 @@ def adapter_format(directory: Path) -> str | None:
     config = read_json(config_path)
     peft_type = str(config.get("peft_type", "")).upper() if isinstance(config, dict) else ""
     if peft_type == "LORA":
-        return "peft_lora"
+        return "peft_dora" if config.get("use_dora") else "peft_lora"
     if peft_type in GIFT_TYPES:
         return "gift"
     if peft_type in CONVERTERS:
@@ -104,8 +109,6 @@ def _check_lora(config: dict, weights: dict[str, torch.Tensor], max_rank: int) -
     if rank > max_rank:
         raise InterventionFormatError(f"LoRA rank {rank} exceeds this server's --max-lora-rank {max_rank}",
                                       param="r", code="rank_too_large")
-    if config.get("use_dora"):
-        raise InterventionFormatError(_DORA_REFUSAL, param="use_dora", code="unsupported_peft_type")
     for option in _UNSUPPORTED_OPTIONS:
         if config.get(option):
             raise InterventionFormatError(f"adapter_config.json: {option} is not supported", param=option)
@@ -124,15 +127,16 @@ def _check_lora(config: dict, weights: dict[str, torch.Tensor], max_rank: int) -
 
 def _hash_dir(directory: Path) -> str:
     digest = hashlib.sha256()
-    for name in (CONFIG_FILE, "adapter_model.safetensors"):
-        digest.update((directory / name).read_bytes())
+    for name in (CONFIG_FILE, "adapter_model.safetensors", SCALES_FILE):
+        if (directory / name).is_file():
+            digest.update((directory / name).read_bytes())
     return digest.hexdigest()[:32]
 
 
 def load_weight_adapter(directory: str | os.PathLike, dest_root: str | os.PathLike, *, base_model_dir: str,
-                        max_rank: int) -> WeightAdapter:
-    """Check a PEFT LoRA / AdaLoRA / LoHa / LoKr / VeRA or GIFT directory and write the servable LoRA copy
-    under ``dest_root``."""
+                        max_rank: int, prompt_embeds: bool = False) -> WeightAdapter:
+    """Check a PEFT LoRA / DoRA / AdaLoRA / LoHa / LoKr / VeRA or GIFT directory and write the servable LoRA
+    copy under ``dest_root`` (``prompt_embeds``: the server takes prompt embeddings, so no embedding LoRA)."""
     directory = Path(directory)
     fmt = adapter_format(directory)
     dest_root = Path(dest_root)
@@ -144,6 +148,13 @@ def load_weight_adapter(directory: str | os.PathLike, dest_root: str | os.PathLi
     elif fmt == "gift":
         base = load_file(str(Path(base_model_dir) / "model.safetensors"))
         convert_gift_dir(directory, staging, base, overwrite=True)
+    elif fmt == "peft_dora":
+        config = read_json(directory / CONFIG_FILE)
+        pairs, scales = dora_to_lora(config, read_adapter_weights(directory),
+                                     load_file(str(Path(base_model_dir) / "model.safetensors")))
+        write_peft_lora_dir(pairs, staging, base_model=config.get("base_model_name_or_path"), overwrite=True)
+        save_file({f"{layer}.{component}": g for (layer, component), g in scales.items()},
+                  str(staging / SCALES_FILE), metadata={"format": "pt"})
     elif fmt is not None and fmt.startswith("peft_") and fmt != "peft_lora":
         config = read_json(directory / CONFIG_FILE)
         pairs = convert_to_lora(str(config["peft_type"]).upper(), config, read_adapter_weights(directory),
@@ -158,6 +169,8 @@ def load_weight_adapter(directory: str | os.PathLike, dest_root: str | os.PathLi
         def fill(tmp: Path) -> None:
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
             save_file(clean, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+            if (directory / SCALES_FILE).is_file():  # a DoRA's owned copy, read back
+                shutil.copyfile(directory / SCALES_FILE, tmp / SCALES_FILE)
 
         write_directory(staging, fill, overwrite=True)
     else:
@@ -166,6 +179,11 @@ def load_weight_adapter(directory: str | os.PathLike, dest_root: str | os.PathLi
     config = read_json(staging / CONFIG_FILE)
     weights = load_file(str(staging / "adapter_model.safetensors"))
     rank = _check_lora(config, weights, max_rank)
+    if prompt_embeds and any("lora_embedding" in key for key in weights):
+        shutil.rmtree(staging, ignore_errors=True)
+        raise InterventionFormatError("LoRA on the input embedding is not served with --enable-prompt-embeds (vLLM "
+                                      "embeds a step's token positions apart from its prompt embeddings, without "
+                                      "the adapters' embedding rows)", param="target_modules")
     content_hash = _hash_dir(staging)
     target = dest_root / content_hash
     if target.exists():  # the same adapter is already stored
@@ -173,5 +191,11 @@ def load_weight_adapter(directory: str | os.PathLike, dest_root: str | os.PathLi
     else:
         staging.rename(target)
     targets = config.get("target_modules") or []
+    scales = {}
+    if (target / SCALES_FILE).is_file():
+        for key, g in load_file(str(target / SCALES_FILE)).items():
+            layer, component = key.split(".", 1)
+            scales[(int(layer), component)] = g
     return WeightAdapter(target, rank, sorted(targets) if isinstance(targets, list) else [str(targets)], fmt,
-                         content_hash, sum(t.numel() for t in weights.values()))
+                         content_hash, sum(t.numel() for t in weights.values()) + sum(g.numel() for g in scales.values()),
+                         scales)

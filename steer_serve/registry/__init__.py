@@ -21,6 +21,7 @@ from pathlib import Path
 
 from steer_serve.engine.config import RequestSteering
 from steer_serve.formats.adapters import WeightAdapter, load_weight_adapter
+from steer_serve.formats.dora import output_scales_intervention
 from steer_serve.formats.peft_prompt import PromptAdapter, load_prompt_adapter
 from steer_serve.interventions.base import Intervention
 from steer_serve.interventions.positions import parse_positions, window_part
@@ -104,9 +105,11 @@ class InterventionRegistry:
         if not self.max_loras:
             raise RegistryError("this server serves no weight-space adapters; start it with --max-loras N",
                                 param="source")
+        compiled = (self.geometry.compile(output_scales_intervention(adapter.output_scales, self.geometry.hidden_size))
+                    if adapter.output_scales else [])
         self._lora_ids += 1
         return AdapterEntry(intervention_id, adapter.content_hash, source, adapter.source_format, adapter=adapter,
-                            lora_id=self._lora_ids)
+                            lora_id=self._lora_ids, compiled=compiled)
 
     async def register_prompt(self, intervention_id: str, prompt: PromptAdapter, *, source: str,
                               replace: bool = False) -> Entry:
@@ -250,7 +253,9 @@ class InterventionRegistry:
         named = [(await self.resolve(i), scale, positions) for i, scale, positions in requested]
         adapters = list(dict.fromkeys(e for e, _, _ in named if isinstance(e, AdapterEntry)))
         prompts = list(dict.fromkeys(e for e, _, _ in named if isinstance(e, PromptEntry)))
-        columns = [(e, s, p) for e, s, p in named if isinstance(e, InterventionEntry)]
+        # a DoRA's output scales first: they are part of its modules' outputs, which interventions then edit
+        columns = [(e, None, None) for e in adapters if e.parts]
+        columns += [(e, s, p) for e, s, p in named if isinstance(e, InterventionEntry)]
         if len(adapters) > 1:
             raise RegistryError("a request may use at most one weight-space adapter (PEFT LoRA / GIFT)",
                                 param="interventions")

@@ -3,7 +3,8 @@
 An entry is one of three kinds behind one small interface: an :class:`InterventionEntry` (compiled
 once into per-site low-rank edits, kept on the CPU, one :class:`Part` per device slot; edits acting
 on different positions, pyreft's two interventions per layer, are separate parts), an
-:class:`AdapterEntry` (a weight-space adapter riding on vLLM's LoRA slots, no parts) or a
+:class:`AdapterEntry` (a weight-space adapter riding on vLLM's LoRA slots; a DoRA's output scales are
+its one part) or a
 :class:`PromptEntry` (virtual tokens prepended to the prompt's embeddings, no parts).
 """
 from __future__ import annotations
@@ -107,6 +108,14 @@ class AdapterEntry(Entry):
     kind: ClassVar[str] = "adapter"
     adapter: WeightAdapter = field(kw_only=True)
     lora_id: int = field(kw_only=True)     # vLLM's LoRA int id (unique per registered adapter content)
+    #: DoRA's output scales, compiled: applied at every position, scale 1, beside the LoRA
+    compiled: list[Part] = field(default_factory=list, kw_only=True)
+    scale: ClassVar[float] = 1.0
+    positions: ClassVar[str] = "all"
+
+    @property
+    def parts(self) -> list[Part]:
+        return self.compiled
 
     @property
     def lora(self) -> tuple[str, int, str]:
