@@ -214,8 +214,9 @@ class InterventionRegistry:
             adapter.source_format = record["format"]
             entry = self._adapter_entry(record["id"], adapter, record["source"])
         elif record.get("kind") == "prompt":
-            prompt = await asyncio.to_thread(load_prompt_adapter, self.adapters_dir / record["weights"],
-                                             self.adapters_dir, hidden_size=self.geometry.hidden_size)
+            directory = await asyncio.to_thread(self.store.weights_path, record)
+            prompt = await asyncio.to_thread(load_prompt_adapter, directory, self.adapters_dir,
+                                             hidden_size=self.geometry.hidden_size)
             prompt.source_format = record["format"]
             entry = PromptEntry(record["id"], prompt.content_hash, record["source"], record["format"], prompt=prompt)
         else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 from steer_serve.formats.adapters import WeightAdapter
@@ -22,6 +23,8 @@ from steer_serve.interventions.positions import parse_positions
 from steer_serve.registry.errors import RegistryError, not_found
 
 Site = tuple[int, str]
+#: Entry kinds whose weights are a directory the server owns (under the store's ``adapters/``).
+DIRECTORY_KINDS = ("adapter", "prompt")
 
 
 @dataclass(eq=False)
@@ -118,6 +121,10 @@ class AdapterEntry(Entry):
         return self.compiled
 
     @property
+    def directory(self) -> Path:
+        return self.adapter.path
+
+    @property
     def lora(self) -> tuple[str, int, str]:
         """(name, vLLM int id, PEFT dir) for vLLM's LoRA request."""
         return self.id, self.lora_id, str(self.adapter.path)
@@ -136,6 +143,10 @@ class AdapterEntry(Entry):
 class PromptEntry(Entry):
     kind: ClassVar[str] = "prompt"
     prompt: PromptAdapter = field(kw_only=True)
+
+    @property
+    def directory(self) -> Path:
+        return self.prompt.path
 
     def set_defaults(self, *, scale: float | None, positions: str | None) -> None:
         raise RegistryError(f"{self.id!r} is a prompt-space adapter (virtual tokens): it has no scale or positions")
