@@ -28,12 +28,13 @@ def server(tmp_path_factory, intervention_dir):
 
 @pytest.fixture(scope="session")
 def small_server(tmp_path_factory, intervention_dir):
-    """A constrained server: 2 slots, 32-token steps (chunked prefill), 16 sequences, 2 LoRA slots."""
+    """A constrained server: 2 slots, 32-token steps (chunked prefill), 16 sequences, 2 LoRA slots, prompt
+    embeddings on (prompt-space PEFT adapters)."""
     root = tmp_path_factory.mktemp("small_server")
     proc = ServerProcess("--allowed-intervention-dir", str(FIXTURES), "--allowed-intervention-dir",
                          str(intervention_dir), "--allowed-intervention-dir", str(FIXTURES_LORA),
                          "--allowed-intervention-dir", str(FIXTURES_PEFT),
-                         "--max-loras", "2", "--max-interventions", "2",
+                         "--max-loras", "2", "--max-interventions", "2", "--enable-prompt-embeds",
                          "--max-num-batched-tokens", "32", "--max-num-seqs", "16", "--max-model-len", "512",
                          registry_dir=root / "registry", log_path=root / "server.log").start()
     yield proc

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from steer_serve.formats.adapters import adapter_format, load_weight_adapter
 from steer_serve.formats.errors import InterventionFormatError
@@ -20,8 +20,7 @@ from steer_serve.model import DEFAULT_MODEL_NAME, cache_dir
 
 FIXTURES_PEFT = Path(__file__).parent / "fixtures" / "data_peft"
 CONVERTED = {"adalora": 4, "loha": 4, "lokr": 8, "vera": 8}   # method → LoRA rank once converted
-REFUSED = ["prefix_tuning", "adaption_prompt", "oft", "boft", "poly", "prompt_tuning", "p_tuning",
-           "multitask_prompt_tuning", "ia3"]
+REFUSED = ["prefix_tuning", "adaption_prompt", "oft", "boft", "poly"]
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +127,42 @@ def test_tensors_of_inconsistent_shapes_are_a_format_error(base_model_dir, tmp_p
     with pytest.raises(InterventionFormatError) as err:
         load_weight_adapter(adapter, tmp_path / "out", base_model_dir=base_model_dir, max_rank=16)
     assert "inconsistent shapes" in str(err.value)
+
+
+def test_dora_is_its_lora_plus_output_scales(base_model_dir, tmp_path):
+    """DoRA's y = g ⊙ (W + s·BA)x, g = m / ‖W + s·BA‖ per row (peft/tuners/lora/dora.py): the LoRA pair and g."""
+    adapter = load_weight_adapter(FIXTURES_PEFT / "dora", tmp_path, base_model_dir=base_model_dir, max_rank=16)
+    config = json.loads((FIXTURES_PEFT / "dora" / "adapter_config.json").read_text())
+    saved = load_file(str(FIXTURES_PEFT / "dora" / "adapter_model.safetensors"))
+    served = load_file(str(adapter.path / "adapter_model.safetensors"))
+    assert adapter.source_format == "peft_dora" and adapter.rank == config["r"]
+    sites = {"q_proj": "query_output", "v_proj": "value_output", "o_proj": "attention_output",
+             "down_proj": "mlp_output"}
+    assert set(adapter.output_scales) == {(layer, c) for layer in (4, 5) for c in sites.values()}
+    with safe_open(str(Path(base_model_dir) / "model.safetensors"), framework="pt") as f:
+        for layer in (4, 5):
+            for name, component in sites.items():
+                module = f"model.layers.{layer}.{'mlp' if name == 'down_proj' else 'self_attn'}.{name}"
+                prefix = f"base_model.model.{module}"
+                a, b = saved[f"{prefix}.lora_A.weight"], saved[f"{prefix}.lora_B.weight"]
+                scaled_b = b * config["lora_alpha"] / config["r"]
+                magnitude = next(v for k, v in saved.items() if k.startswith(f"{prefix}.lora_magnitude_vector"))
+                g = magnitude / (f.get_tensor(f"{module}.weight") + scaled_b @ a).norm(dim=1)
+                torch.testing.assert_close(adapter.output_scales[(layer, component)], g, rtol=1e-5, atol=0)
+                torch.testing.assert_close(served[f"{prefix}.lora_B.weight"] @ served[f"{prefix}.lora_A.weight"],
+                                           scaled_b @ a, rtol=1e-5, atol=1e-7)
+    again = load_weight_adapter(adapter.path, tmp_path, base_model_dir=base_model_dir, max_rank=16)
+    assert again.content_hash == adapter.content_hash and again.output_scales.keys() == adapter.output_scales.keys()
+
+
+def test_dora_on_a_module_without_a_served_output_site_is_refused(base_model_dir, tmp_path):
+    adapter = tmp_path / "dora"
+    adapter.mkdir()
+    config = json.loads((FIXTURES_PEFT / "dora" / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    prefix = "base_model.model.model.layers.1.mlp.gate_proj"
+    save_file({f"{prefix}.lora_A.weight": torch.ones(2, 576), f"{prefix}.lora_B.weight": torch.ones(1536, 2),
+               f"{prefix}.lora_magnitude_vector": torch.ones(1536)}, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(InterventionFormatError) as err:
+        load_weight_adapter(adapter, tmp_path / "out", base_model_dir=base_model_dir, max_rank=16)
+    assert "mlp.gate_proj's output has no served site" in err.value.message

@@ -303,3 +303,28 @@ async def test_a_catalogue_far_larger_than_the_slots_pages_under_zipf_traffic(sm
     print(f"\nZipf paging: {catalogue} registered, 2 slots, {len(drawn)} requests over {len(set(drawn))} ids: "
           f"slot hit rate {1 - loads / len(drawn):.2f}, {loads:.0f} loads, mean load {1000 * seconds / max(loads, 1):.1f} ms")
     assert 0 < loads <= len(drawn)
+
+
+async def test_prompt_entries_are_stored_and_followed_like_adapters(store):
+    """A prompt-space adapter (virtual tokens, an owned directory) registered by one replica is resolved by
+    another from the store, with the same tokens, and its directory goes when the id does."""
+    from fake_engine import FakeEngine
+    from steer_serve.formats.peft_prompt import load_prompt_adapter
+    from steer_serve.registry import InterventionRegistry
+
+    a = InterventionRegistry(FakeEngine(), **store("a"))
+    b = InterventionRegistry(FakeEngine(), **store("b"))
+    await a.restore()
+    await b.restore()
+    source = Path(__file__).parent / "fixtures" / "data_peft" / "prompt_tuning"
+    prompt = load_prompt_adapter(source, a.adapters_dir, hidden_size=576)
+    await a.register_prompt("pt", prompt, source=str(source))
+    lease = await b.acquire([("pt", None, None)])
+    assert lease.prompt is not None and not lease.steering.slots
+    assert torch.equal(lease.prompt.virtual_tokens, prompt.virtual_tokens)
+    assert lease.prompt.source_format == "peft_prompt_tuning"
+    await b.release(lease)
+    await a.unregister("pt")
+    await b.sync()
+    assert "pt" not in b.entries and not a.store.records()
+    assert not (stored_weights(a) if hasattr(a.store, "client") else (a.store.adapters_dir / prompt.content_hash).exists())

@@ -86,6 +86,7 @@ class AppState:
     metrics: Metrics = field(default_factory=Metrics)
     limiter: Limiter = None
     handlers: dict = None  # kind -> vLLM route function (a test may put stand-ins here)
+    prompt_embedder: object = None  # api.prompt_embeds.PromptEmbedder with --enable-prompt-embeds, else None
 
     def __post_init__(self):
         if self.handlers is None:

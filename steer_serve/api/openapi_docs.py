@@ -115,13 +115,14 @@ class InterventionObject(BaseModel):
 
     id: str
     object: str = "intervention"
-    kind: str = Field(description="`intervention` (hidden-state edit) or `adapter` (weight-space, PEFT LoRA)")
+    kind: str = Field(description="`intervention` (hidden-state edit), `adapter` (weight-space, PEFT LoRA) or "
+                                  "`prompt` (virtual tokens: PEFT prompt tuning)")
     created: int
     source: str = Field(description="where it was registered from (`upload` for uploads)")
     format: str = Field(description="native, pyreft, pyvene, peft_lora, ...")
     base_model: str = Field(description="the model this server serves it on")
     trained_on: str | None = Field(None, description="the base model its file names, if any")
-    status: str = Field(description="`loaded` (in a device slot), `cached` (CPU only) or `adapter`")
+    status: str = Field(description="`loaded` (in a device slot), `cached` (CPU only), `adapter` or `prompt`")
     slot: int | None = Field(description="device slot when loaded")
     in_flight: int = Field(description="requests using it right now")
     content_hash: str = Field(description="hash of the weights (prefix-cache identity)")

@@ -16,6 +16,7 @@ from steer_serve.api.errors import APIError
 from steer_serve.api.schemas import InterventionCreate, InterventionPatch
 from steer_serve.formats import load_intervention, locate_source
 from steer_serve.formats.adapters import adapter_format, load_weight_adapter
+from steer_serve.formats.peft_prompt import load_prompt_adapter, prompt_format
 from steer_serve.formats.native import read_native
 from steer_serve.formats.validation import validate_intervention
 
@@ -78,12 +79,18 @@ async def create_intervention(request: Request):
             raise APIError(400, f"request body is not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
         directory = await asyncio.to_thread(locate_source, body.source, allowed_dirs=state.allowed_dirs,
                                             allow_hub=state.allow_hub)
+        if prompt_format(directory):
+            return await _register_prompt(state, body, directory)
+        if body.task_id is not None:
+            raise APIError(400, "task_id is only for PEFT multitask prompt tuning adapters", code="invalid_value",
+                           param="task_id")
         if adapter_format(directory):
             if not state.registry.max_loras:
                 raise APIError(400, "this server serves no weight-space adapters (PEFT LoRA / GIFT); start it with "
                                "--max-loras N", code="adapters_disabled", param="source")
             adapter = await asyncio.to_thread(load_weight_adapter, directory, state.registry.adapters_dir,
-                                              base_model_dir=state.model_path, max_rank=state.registry.max_lora_rank)
+                                              base_model_dir=state.model_path, max_rank=state.registry.max_lora_rank,
+                                              prompt_embeds=state.prompt_embedder is not None)
             entry = await state.registry.register_adapter(body.id, adapter, source=body.source, replace=body.replace)
             return JSONResponse(describe_entry(state, entry), status_code=201)
         state.registry.geometry.require_interventions()
@@ -93,6 +100,22 @@ async def create_intervention(request: Request):
             **_limits(state), **_reader_hints(state))
         source, fmt = body.source, iv.source_format
     entry = await state.registry.register(body.id, iv, source=source, format=fmt, replace=body.replace)
+    return JSONResponse(describe_entry(state, entry), status_code=201)
+
+
+async def _register_prompt(state, body: InterventionCreate, directory: Path) -> JSONResponse:
+    """A prompt-space PEFT adapter: its virtual tokens, prepended to each request's prompt embeddings."""
+    if state.prompt_embedder is None:
+        raise APIError(400, "this server serves no prompt-space adapters (prompt tuning, P-tuning, multitask prompt "
+                       "tuning); start it with --enable-prompt-embeds", code="prompt_embeds_disabled", param="source")
+    for field in ("positions", "scale", "act_fn"):
+        if getattr(body, field) is not None:
+            raise APIError(400, f"{field} does not apply to a prompt-space adapter (its virtual tokens are prepended "
+                           "to the whole prompt)", code="invalid_value", param=field)
+    prompt = await asyncio.to_thread(load_prompt_adapter, directory, state.registry.adapters_dir,
+                                     hidden_size=state.engine.llm.model_config.get_hidden_size(),
+                                     task_id=body.task_id)
+    entry = await state.registry.register_prompt(body.id, prompt, source=body.source, replace=body.replace)
     return JSONResponse(describe_entry(state, entry), status_code=201)
 
 

@@ -108,8 +108,24 @@ def sequences_of(body, kind: str) -> tuple[int, str]:
     return prompts * n, ("prompt" if prompts > 1 and n == 1 else "n")
 
 
-def _hand_over(body, lease: Lease | None, request: Request) -> None:
-    """Put the lease where vLLM carries per-request data: extra args, cache salt, LoRA model name."""
+def _prepend_virtual_tokens(body, lease: Lease, kind: str, state) -> None:
+    """A prompt-space adapter: the completion's prompt becomes ``prompt_embeds`` behind the virtual tokens."""
+    if kind != "completion":
+        raise APIError(400, "prompt-space adapters (prompt tuning, P-tuning, multitask prompt tuning) are served "
+                       "on /v1/completions only: vLLM takes prompt embeddings there", code="unsupported_value",
+                       param="interventions")
+    if state.prompt_embedder is None:
+        raise APIError(400, "this server was started without --enable-prompt-embeds, so it cannot serve "
+                       "prompt-space adapters", code="prompt_embeds_disabled", param="interventions")
+    if getattr(body, "use_beam_search", False):
+        raise APIError(400, "use_beam_search cannot be combined with a prompt-space adapter", code="unsupported_value",
+                       param="use_beam_search")
+    state.prompt_embedder.apply(body, lease.prompt)
+
+
+def _hand_over(body, lease: Lease | None, request: Request, kind: str) -> None:
+    """Put the lease where vLLM carries per-request data: extra args, cache salt, LoRA model name,
+    and a prompt-space adapter's virtual tokens in front of the prompt's embeddings."""
     state = request.app.state.steer
     body.model = state.served_model_name
     if lease is None:
@@ -125,6 +141,8 @@ def _hand_over(body, lease: Lease | None, request: Request) -> None:
         name, int_id, path = lease.lora
         vllm.offer_lora(request.app.state, name, int_id, path)
         body.model = name
+    if lease.prompt is not None:
+        _prepend_virtual_tokens(body, lease, kind, state)
 
 
 async def _steered(request: Request, body, kind: str) -> Response:
@@ -152,7 +170,7 @@ async def _steered(request: Request, body, kind: str) -> Response:
 
     try:
         lease = await state.registry.acquire(requested) if requested else None
-        _hand_over(body, lease, request)
+        _hand_over(body, lease, request, kind)
         state.metrics.request_started(labels)
         response = await state.handlers[kind](body, request)
     except BaseException:

@@ -54,6 +54,8 @@ class InterventionCreate(BaseModel):
     scale: float | None = Field(default=None, ge=-100, le=100, allow_inf_nan=False, description="default scale")
     act_fn: str | None = Field(default=None, max_length=32, description="pyreft act_fn (not saved by pyreft)")
     replace: bool = Field(default=False, description="swap out an existing id (409 without it)")
+    task_id: int | None = Field(default=None, ge=0, description="the task of a PEFT multitask prompt tuning "
+                                                                  "adapter (peft's task_ids); only for those")
 
     _positions = field_validator("positions")(_check_positions)
 

@@ -11,6 +11,7 @@ import uvicorn
 
 from steer_serve.api.app import AppState, create_app
 from steer_serve.api.http_protocol import guarded_protocol
+from steer_serve.api.prompt_embeds import PromptEmbedder
 from steer_serve.engine.engine import EngineSettings, SteerEngine
 from steer_serve.model import cache_dir
 from steer_serve.registry import InterventionRegistry, claim_registry_dir, open_store
@@ -85,7 +86,8 @@ async def build_state(engine: SteerEngine, settings: ServerSettings) -> AppState
         max_header_bytes=settings.max_header_bytes, max_body_bytes=settings.max_body_bytes,
         max_upload_bytes=settings.max_upload_bytes,
         max_placements=settings.max_placements, cors_origins=settings.cors_origins,
-        engine_stall_timeout=settings.engine_stall_timeout)
+        engine_stall_timeout=settings.engine_stall_timeout,
+        prompt_embedder=PromptEmbedder(model_path, model_config.dtype) if model_config.enable_prompt_embeds else None)
 
 
 class _DrainingServer(uvicorn.Server):

@@ -28,6 +28,12 @@ each item below may change without notice. What the engine relies on in vLLM 0.3
   ``make_empty_intermediate_tensors`` on later pipeline stages (:func:`allocate_pipeline_buffers`);
 * the CPU LoRA torch ops: ``vllm.lora.ops.torch_ops.lora_ops.bgmv_shrink`` and the copy of that
   name in ``vllm.lora.punica_wrapper.punica_cpu`` (:func:`patch_cpu_lora_ops`);
+* with ``--enable-prompt-embeds``, the runner's ``_preprocess`` embedding only a step's token-id
+  positions through ``model.embed_input_ids``, and ``VocabParallelEmbeddingWithLoRA`` reading
+  ``punica_wrapper.token_lora_indices`` for every scheduled token (:func:`embed_token_subsets_without_lora`);
+* vLLM's LoRA layers (``vllm.lora.layers.BaseLayerWithLoRA``) replacing a linear module after the
+  model is built, holding it as ``base_layer`` and computing through its ``quant_method`` without
+  calling it, with the same arguments and outputs (:func:`carry_hooks_to_lora_wrappers`);
 * ``AsyncLLM.errored`` / ``dead_error`` and ``is_sleeping()`` as a round trip served between steps
   (the watchdog, ``engine.py``); ``ModelRegistry.register_model`` (``plugin.py``).
 
@@ -138,6 +144,56 @@ def allocate_pipeline_buffers(runner) -> None:
         return
     runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
         batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device)
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called")
+
+
+def carry_hooks_to_lora_wrappers(model: torch.nn.Module) -> int:
+    """Move the hooks of every module vLLM's LoRA support wrapped onto its wrapper; returns how many moved.
+
+    With ``--max-loras`` vLLM replaces ``qkv_proj``, ``o_proj``, … by LoRA layers that compute through the
+    wrapped module's ``quant_method`` and never call it, so a hook left there (the q/k/v slices, the
+    output projection's input) would never fire. On the wrapper it sees the adapted output, as a hook on
+    the module PEFT wraps does. Idempotent.
+    """
+    from vllm.lora.layers import BaseLayerWithLoRA
+
+    moved = 0
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if not isinstance(module, BaseLayerWithLoRA) or not isinstance(base, torch.nn.Module):
+            continue
+        if any(getattr(base, name) for name in _HOOK_DICTS):
+            for name in _HOOK_DICTS:
+                getattr(module, name).update(getattr(base, name))
+                getattr(base, name).clear()
+            moved += 1
+    return moved
+
+
+def embed_token_subsets_without_lora(model: torch.nn.Module) -> int:
+    """Let a step mixing prompt-embeds and token positions run with LoRA on; returns the layers patched.
+
+    With ``--enable-prompt-embeds`` vLLM 0.32 embeds only the token-id positions of a step, but its LoRA
+    embedding layer reads a LoRA index for every scheduled token: the shapes differ and the engine dies.
+    Such a subset goes through the plain embedding instead, which is exact because no adapter served
+    here adapts the input embedding (``formats.adapters`` refuses those while prompt embeddings are on).
+    """
+    from vllm.lora.layers import VocabParallelEmbeddingWithLoRA
+
+    patched = 0
+    for module in model.modules():
+        if isinstance(module, VocabParallelEmbeddingWithLoRA) and "forward" not in vars(module):
+            def forward(x: torch.Tensor, layer=module, full=module.forward) -> torch.Tensor:
+                if x.shape[0] != layer.punica_wrapper.token_lora_indices.shape[0]:
+                    return layer.base_layer.forward(x)
+                return full(x)
+
+            module.forward = forward
+            patched += 1
+    return patched
 
 
 def _mask_no_lora_rows(bgmv_shrink):

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from steer_serve.engine.model import steerable_model
-from steer_serve.engine.vllm_internals import allocate_pipeline_buffers, install_step_hook
+from steer_serve.engine.vllm_internals import (allocate_pipeline_buffers, carry_hooks_to_lora_wrappers,
+                                               embed_token_subsets_without_lora, install_step_hook)
 from steer_serve.interventions.base import LowRankEdit
 
 _LOWRANK_FIELDS = ("W", "b", "P", "U", "v", "z")
@@ -54,8 +55,13 @@ class SteerWorkerExtension:
         return model
 
     def steer_install(self) -> dict:
-        """Hook the runner's per-step input preparation; returns the table geometry."""
+        """Hook the runner's per-step input preparation (and move site hooks onto the LoRA layers that
+        wrapped their modules since the model was built; with prompt embeddings, let the LoRA embedding
+        take a step's token subset); returns the table geometry."""
         model = self._steer_model()
+        carry_hooks_to_lora_wrappers(model)
+        if getattr(self.model_runner, "enable_prompt_embeds", False):
+            embed_token_subsets_without_lora(model)
         install_step_hook(self.model_runner, model.steer_step_state.prepare)
         allocate_pipeline_buffers(self.model_runner)
         return model.steer_geometry

@@ -14,12 +14,13 @@ from ..interventions.base import Intervention
 from .errors import InterventionFormatError
 from .hub import download_from_hub, looks_like_hub_id, split_hub_id
 from .native import CONFIG_FILE as NATIVE_CONFIG, dtype_name, read_native
+from .peft_ia3 import SOURCE_FORMAT as PEFT_IA3, read_peft_ia3_dir
 from .pyreft import read_pyreft_dir
 from .pyvene import read_pyvene_dir
 from .sources import read_json, resolve_local_source
 from .validation import MAX_PLACEMENTS, MAX_RANK, validate_intervention
 
-FORMATS = ("native", "pyreft", "pyvene", "gift")
+FORMATS = ("native", "pyreft", "pyvene", "gift", PEFT_IA3)
 _CONFIG_NAMES = (NATIVE_CONFIG, "config.json", "adapter_config.json")
 
 __all__ = ["FORMATS", "InterventionFormatError", "describe_intervention", "detect_format", "load_intervention",
@@ -36,7 +37,7 @@ def _directory(path: Path) -> Path:
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """Return ``"native"``, ``"pyreft"``, ``"pyvene"`` or ``"gift"`` for an intervention directory."""
+    """Return ``"native"``, ``"pyreft"``, ``"pyvene"``, ``"gift"`` or ``"peft_ia3"`` for an intervention directory."""
     directory = _directory(Path(path))
     if (directory / NATIVE_CONFIG).is_file():
         return "native"
@@ -45,6 +46,8 @@ def detect_format(path: str | os.PathLike) -> str:
         peft_type = str(cfg.get("peft_type", "")) if isinstance(cfg, dict) else ""
         if peft_type.upper() in ("WEGEFT", "GIFT"):
             return "gift"
+        if peft_type.upper() == "IA3":
+            return PEFT_IA3
         raise InterventionFormatError(f"{directory.name} is a PEFT {peft_type or 'adapter'} directory, which changes "
                                       "weights rather than hidden states; it is not an intervention",
                                       param="source", code="unknown_format")
@@ -57,7 +60,7 @@ def detect_format(path: str | os.PathLike) -> str:
         if isinstance(cfg, dict) and "representations" in cfg:
             return "pyvene"
     raise InterventionFormatError(f"cannot tell the format of {directory.name!r}: expected {NATIVE_CONFIG} (native), "
-                                  "config.json + intkey_*.bin (pyreft/pyvene) or adapter_config.json (GIFT)",
+                                  "config.json + intkey_*.bin (pyreft/pyvene) or adapter_config.json (GIFT, PEFT IA3)",
                                   param="source", code="unknown_format")
 
 
@@ -106,6 +109,8 @@ def _read(directory: Path, fmt: str, positions, act_fn, hidden_size, head, num_h
     if fmt == "pyvene":
         return read_pyvene_dir(directory, positions=positions, hidden_size=hidden_size, head=head,
                                num_heads=num_heads, widths=widths, heads=heads)
+    if fmt == PEFT_IA3:
+        return read_peft_ia3_dir(directory, hidden_size=hidden_size)
     if fmt == "gift":
         raise InterventionFormatError("GIFT checkpoints change weights, not hidden states: convert them to a PEFT "
                                       "LoRA directory with steer_serve.formats.gift.convert_gift_dir (it needs the "

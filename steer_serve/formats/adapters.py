@@ -4,7 +4,9 @@ prepared for vLLM's LoRA path.
 All end up as a PEFT LoRA directory the server owns (copied, re-saved as safetensors, checked):
 vLLM's multi-LoRA support serves it per request. GIFT (``W' = W + s·W φᵀ ψ``) becomes the LoRA pair
 ``A = ψ``, ``B_l = s·W_l φᵀ`` (see :mod:`.gift`), which needs the base model's weights; AdaLoRA, LoHa,
-LoKr and VeRA become the LoRA of the same ΔW (see :mod:`.peft_to_lora`). Other PEFT methods are refused.
+LoKr and VeRA become the LoRA of the same ΔW (see :mod:`.peft_to_lora`); DoRA a LoRA plus per-output-channel
+scales the intervention slots apply (see :mod:`.dora`). IA3 is an intervention, not an
+adapter (see :mod:`.peft_ia3`). Other PEFT methods are refused.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,14 +22,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .atomic import write_directory
+from .dora import dora_to_lora
 from .errors import InterventionFormatError
 from .gift import PEFT_TYPES as GIFT_TYPES
 from .gift import convert_gift_dir, write_peft_lora_dir
 from .gift_wrapper import gift_root, gift_wrapper_to_lora, read_gift_wrapper
+from .peft_prompt import PEFT_TYPES as PROMPT_TYPES
 from .peft_to_lora import CONVERTERS, convert_to_lora, refuse_unservable
 from .sources import load_safetensors, read_json, safe_torch_load
 
 CONFIG_FILE = "adapter_config.json"
+#: in an owned copy of a DoRA: its output scales, ``<layer>.<component>`` → g
+SCALES_FILE = "output_scales.safetensors"
 _UNSUPPORTED_OPTIONS = ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern")
 
 
@@ -38,18 +44,25 @@ class WeightAdapter:
     path: Path
     rank: int
     target_modules: list[str]
-    source_format: str          # "peft_lora" | "gift" | "peft_adalora" | "peft_loha" | "peft_lokr" | "peft_vera"
+    source_format: str          # "peft_lora" | "peft_dora" | "gift" | "peft_adalora" | "peft_loha" | "peft_lokr" | …
     content_hash: str
     num_parameters: int
+    #: DoRA's per-output-channel scales, ``{(layer, component): g}``, applied by the intervention slots
+    output_scales: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
     def describe(self) -> dict:
-        return {"families": [self.source_format], "rank": self.rank, "target_modules": self.target_modules,
-                "num_parameters": self.num_parameters, "source_format": self.source_format}
+        out = {"families": [self.source_format], "rank": self.rank, "target_modules": self.target_modules,
+               "num_parameters": self.num_parameters, "source_format": self.source_format}
+        if self.output_scales:
+            out["output_scales"] = [{"layer": layer, "component": component}
+                                    for layer, component in sorted(self.output_scales)]
+        return out
 
 
 def adapter_format(directory: Path) -> str | None:
     """``"peft_lora"``, ``"gift"`` or ``"peft_<method>"`` (a method converted to a LoRA) when ``directory``
-    holds such an adapter, else None. Any other PEFT method is a 400 naming it and why."""
+    holds such an adapter, else None (also for IA3, an intervention, and the prompt-space methods). Any other
+    PEFT method is a 400 naming it and why."""
     if gift_root(directory) is not None:
         return "gift"
     config_path = Path(directory) / CONFIG_FILE
@@ -58,15 +71,17 @@ def adapter_format(directory: Path) -> str | None:
     config = read_json(config_path)
     peft_type = str(config.get("peft_type", "")).upper() if isinstance(config, dict) else ""
     if peft_type == "LORA":
-        return "peft_lora"
+        return "peft_dora" if config.get("use_dora") else "peft_lora"
     if peft_type in GIFT_TYPES:
         return "gift"
     if peft_type in CONVERTERS:
         return f"peft_{peft_type.lower()}"
+    if peft_type == "IA3" or peft_type in PROMPT_TYPES:  # an intervention; virtual tokens (see .peft_prompt)
+        return None
     refuse_unservable(peft_type or "(no peft_type)")
 
 
-def _read_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
+def read_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
     if (directory / "adapter_model.safetensors").is_file():
         return load_safetensors(directory / "adapter_model.safetensors")
     if (directory / "adapter_model.bin").is_file():
@@ -112,15 +127,16 @@ def _check_lora(config: dict, weights: dict[str, torch.Tensor], max_rank: int) -
 
 def _hash_dir(directory: Path) -> str:
     digest = hashlib.sha256()
-    for name in (CONFIG_FILE, "adapter_model.safetensors"):
-        digest.update((directory / name).read_bytes())
+    for name in (CONFIG_FILE, "adapter_model.safetensors", SCALES_FILE):
+        if (directory / name).is_file():
+            digest.update((directory / name).read_bytes())
     return digest.hexdigest()[:32]
 
 
 def load_weight_adapter(directory: str | os.PathLike, dest_root: str | os.PathLike, *, base_model_dir: str,
-                        max_rank: int) -> WeightAdapter:
-    """Check a PEFT LoRA / AdaLoRA / LoHa / LoKr / VeRA or GIFT directory and write the servable LoRA copy
-    under ``dest_root``."""
+                        max_rank: int, prompt_embeds: bool = False) -> WeightAdapter:
+    """Check a PEFT LoRA / DoRA / AdaLoRA / LoHa / LoKr / VeRA or GIFT directory and write the servable LoRA
+    copy under ``dest_root`` (``prompt_embeds``: the server takes prompt embeddings, so no embedding LoRA)."""
     directory = Path(directory)
     fmt = adapter_format(directory)
     dest_root = Path(dest_root)
@@ -132,20 +148,29 @@ def load_weight_adapter(directory: str | os.PathLike, dest_root: str | os.PathLi
     elif fmt == "gift":
         base = load_file(str(Path(base_model_dir) / "model.safetensors"))
         convert_gift_dir(directory, staging, base, overwrite=True)
+    elif fmt == "peft_dora":
+        config = read_json(directory / CONFIG_FILE)
+        pairs, scales = dora_to_lora(config, read_adapter_weights(directory),
+                                     load_file(str(Path(base_model_dir) / "model.safetensors")))
+        write_peft_lora_dir(pairs, staging, base_model=config.get("base_model_name_or_path"), overwrite=True)
+        save_file({f"{layer}.{component}": g for (layer, component), g in scales.items()},
+                  str(staging / SCALES_FILE), metadata={"format": "pt"})
     elif fmt is not None and fmt.startswith("peft_") and fmt != "peft_lora":
         config = read_json(directory / CONFIG_FILE)
-        pairs = convert_to_lora(str(config["peft_type"]).upper(), config, _read_adapter_weights(directory),
+        pairs = convert_to_lora(str(config["peft_type"]).upper(), config, read_adapter_weights(directory),
                                 base_shapes=_linear_shapes(base_model_dir), max_rank=max_rank)
         write_peft_lora_dir(pairs, staging, base_model=config.get("base_model_name_or_path"), overwrite=True)
     elif fmt == "peft_lora":
         config = read_json(directory / CONFIG_FILE)
-        weights = _read_adapter_weights(directory)
+        weights = read_adapter_weights(directory)
         _check_lora(config, weights, max_rank)
         clean = {k: v.contiguous() for k, v in weights.items()}
 
         def fill(tmp: Path) -> None:
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
             save_file(clean, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+            if (directory / SCALES_FILE).is_file():  # a DoRA's owned copy, read back
+                shutil.copyfile(directory / SCALES_FILE, tmp / SCALES_FILE)
 
         write_directory(staging, fill, overwrite=True)
     else:
@@ -154,6 +179,11 @@ def load_weight_adapter(directory: str | os.PathLike, dest_root: str | os.PathLi
     config = read_json(staging / CONFIG_FILE)
     weights = load_file(str(staging / "adapter_model.safetensors"))
     rank = _check_lora(config, weights, max_rank)
+    if prompt_embeds and any("lora_embedding" in key for key in weights):
+        shutil.rmtree(staging, ignore_errors=True)
+        raise InterventionFormatError("LoRA on the input embedding is not served with --enable-prompt-embeds (vLLM "
+                                      "embeds a step's token positions apart from its prompt embeddings, without "
+                                      "the adapters' embedding rows)", param="target_modules")
     content_hash = _hash_dir(staging)
     target = dest_root / content_hash
     if target.exists():  # the same adapter is already stored
@@ -161,5 +191,11 @@ def load_weight_adapter(directory: str | os.PathLike, dest_root: str | os.PathLi
     else:
         staging.rename(target)
     targets = config.get("target_modules") or []
+    scales = {}
+    if (target / SCALES_FILE).is_file():
+        for key, g in load_file(str(target / SCALES_FILE)).items():
+            layer, component = key.split(".", 1)
+            scales[(int(layer), component)] = g
     return WeightAdapter(target, rank, sorted(targets) if isinstance(targets, list) else [str(targets)], fmt,
-                         content_hash, sum(t.numel() for t in weights.values()))
+                         content_hash, sum(t.numel() for t in weights.values()) + sum(g.numel() for g in scales.values()),
+                         scales)

@@ -32,20 +32,12 @@ REFUSED = {
                      "paged KV cache cannot take per request",
     "ADAPTION_PROMPT": "it adds gated attention over trained prompt states inside every adapted layer, "
                        "which vLLM's attention kernels cannot take per request",
-    "PROMPT_TUNING": "its virtual-token embeddings would have to be prepended per request (prompt-space "
-                     "methods are not served yet)",
-    "P_TUNING": "its prompt encoder's virtual-token embeddings would have to be prepended per request "
-                "(prompt-space methods are not served yet)",
-    "MULTITASK_PROMPT_TUNING": "its per-task virtual-token embeddings would have to be prepended per request "
-                               "(prompt-space methods are not served yet)",
     "OFT": "its delta W·(R − I) is a full-rank orthogonal rotation of the weight, not a low-rank product the "
            "LoRA slots can serve",
     "BOFT": "its delta W·(R − I) is a full-rank butterfly rotation of the weight, not a low-rank product the "
             "LoRA slots can serve",
     "POLY": "it mixes LoRA skills with a per-task router that needs a task id per request, which the API "
             "does not carry",
-    "IA3": "its elementwise rescaling of key, value and MLP activations is not served yet (it is not a "
-           "low-rank weight delta)",
 }
 
 
@@ -168,7 +160,8 @@ def _base_shape(base_shapes: dict[str, tuple[int, int]], module: str, method: st
 
 def refuse_unservable(peft_type: str) -> None:
     """A 400 naming ``peft_type`` and why it cannot be served per request."""
-    reason = REFUSED.get(peft_type, "this server serves PEFT LoRA, AdaLoRA, LoHa, LoKr and VeRA adapters only")
+    reason = REFUSED.get(peft_type, "this server serves PEFT LoRA, AdaLoRA, LoHa, LoKr, VeRA, IA3, prompt tuning, "
+                                    "P-tuning and multitask prompt tuning adapters only")
     raise InterventionFormatError(f"PEFT {peft_type} adapters cannot be served per request: {reason}",
                                   param="peft_type", code="unsupported_peft_type")
 

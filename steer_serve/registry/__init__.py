@@ -21,9 +21,12 @@ from pathlib import Path
 
 from steer_serve.engine.config import RequestSteering
 from steer_serve.formats.adapters import WeightAdapter, load_weight_adapter
+from steer_serve.formats.dora import output_scales_intervention
+from steer_serve.formats.peft_prompt import PromptAdapter, load_prompt_adapter
 from steer_serve.interventions.base import Intervention
 from steer_serve.interventions.positions import parse_positions, window_part
-from steer_serve.registry.catalogue import AdapterEntry, Catalogue, Entry, Geometry, InterventionEntry, content_hash
+from steer_serve.registry.catalogue import (AdapterEntry, Catalogue, Entry, Geometry, InterventionEntry, PromptEntry,
+                                            content_hash)
 from steer_serve.registry.errors import RegistryError
 from steer_serve.registry.slot_pool import SlotPool
 from steer_serve.registry.store import claim_registry_dir, open_store
@@ -40,6 +43,7 @@ class Lease:
     steering: RequestSteering
     cache_salt: str | None
     lora: tuple[str, int, str] | None = None   # (name, vLLM int id, PEFT dir) of the weight-space adapter
+    prompt: PromptAdapter | None = None         # virtual tokens to prepend to the prompt
 
 
 class InterventionRegistry:
@@ -101,9 +105,17 @@ class InterventionRegistry:
         if not self.max_loras:
             raise RegistryError("this server serves no weight-space adapters; start it with --max-loras N",
                                 param="source")
+        compiled = (self.geometry.compile(output_scales_intervention(adapter.output_scales, self.geometry.hidden_size))
+                    if adapter.output_scales else [])
         self._lora_ids += 1
         return AdapterEntry(intervention_id, adapter.content_hash, source, adapter.source_format, adapter=adapter,
-                            lora_id=self._lora_ids)
+                            lora_id=self._lora_ids, compiled=compiled)
+
+    async def register_prompt(self, intervention_id: str, prompt: PromptAdapter, *, source: str,
+                              replace: bool = False) -> Entry:
+        """Add a prompt-space adapter (virtual tokens prepended per request)."""
+        return await self._install(PromptEntry(intervention_id, prompt.content_hash, source, prompt.source_format,
+                                               prompt=prompt), replace)
 
     async def _install(self, entry: Entry, replace: bool) -> Entry:
         async with self._changes:
@@ -201,6 +213,12 @@ class InterventionRegistry:
                                               max_rank=self.max_lora_rank)
             adapter.source_format = record["format"]
             entry = self._adapter_entry(record["id"], adapter, record["source"])
+        elif record.get("kind") == "prompt":
+            directory = await asyncio.to_thread(self.store.weights_path, record)
+            prompt = await asyncio.to_thread(load_prompt_adapter, directory, self.adapters_dir,
+                                             hidden_size=self.geometry.hidden_size)
+            prompt.source_format = record["format"]
+            entry = PromptEntry(record["id"], prompt.content_hash, record["source"], record["format"], prompt=prompt)
         else:
             iv = await asyncio.to_thread(read_native, await asyncio.to_thread(self.store.weights_path, record))
             iv.positions, iv.scale = record["positions"], record["scale"]
@@ -231,14 +249,22 @@ class InterventionRegistry:
     async def acquire(self, requested: list[tuple[str, float | None, str | None]]) -> Lease:
         """Pin each (id, scale, positions) a request names into device slots (waiting while every
         slot is pinned) and build its steering; at most one may be a weight-space adapter."""
-        if any(not isinstance(self.entries.get(i), AdapterEntry) for i, _, _ in requested):
+        if any(not isinstance(self.entries.get(i), (AdapterEntry, PromptEntry)) for i, _, _ in requested):
             self.geometry.require_interventions()
         named = [(await self.resolve(i), scale, positions) for i, scale, positions in requested]
         adapters = list(dict.fromkeys(e for e, _, _ in named if isinstance(e, AdapterEntry)))
-        columns = [(e, s, p) for e, s, p in named if isinstance(e, InterventionEntry)]
+        prompts = list(dict.fromkeys(e for e, _, _ in named if isinstance(e, PromptEntry)))
+        # a DoRA's output scales first: they are part of its modules' outputs, which interventions then edit
+        columns = [(e, None, None) for e in adapters if e.parts]
+        columns += [(e, s, p) for e, s, p in named if isinstance(e, InterventionEntry)]
         if len(adapters) > 1:
             raise RegistryError("a request may use at most one weight-space adapter (PEFT LoRA / GIFT)",
                                 param="interventions")
+        if len(prompts) > 1:
+            raise RegistryError("a request may use at most one prompt-space adapter (prompt tuning / P-tuning)",
+                                param="interventions")
+        if any((s, p) != (None, None) for e, s, p in named if isinstance(e, PromptEntry)):
+            raise RegistryError("a prompt-space adapter takes no scale or positions", param="interventions")
         if sum(len(e.parts) for e, _, _ in columns) > self.geometry.max_columns:
             raise RegistryError(f"a request may combine at most {self.geometry.max_columns} interventions (an "
                                 "intervention with edits on different positions counts once per positions)",
@@ -251,7 +277,7 @@ class InterventionRegistry:
         columns = [(e, e.scale if s is None else float(s), e.positions if p is None else p) for e, s, p in columns]
         for _, _, positions in columns:
             parse_positions(positions)
-        unique = list(dict.fromkeys([e for e, _, _ in columns] + adapters))
+        unique = list(dict.fromkeys([e for e, _, _ in columns] + adapters + prompts))
         await self.slots.pin(unique, self.catalogue.is_current)
         steering = RequestSteering()
         for entry, scale, positions in columns:
@@ -259,9 +285,11 @@ class InterventionRegistry:
                 steering.slots.append(part.slot)
                 steering.scales.append(scale)
                 steering.positions.append(window_part(positions, part.window))
-        salt_source = json.dumps([[e.content_hash for e in adapters]] + [[e.content_hash, s, p] for e, s, p in columns])
+        salt_source = json.dumps([[e.content_hash for e in adapters + prompts]]
+                                 + [[e.content_hash, s, p] for e, s, p in columns])
         salt = hashlib.sha256(salt_source.encode()).hexdigest()[:32]
-        return Lease(unique, steering, salt, adapters[0].lora if adapters else None)
+        return Lease(unique, steering, salt, adapters[0].lora if adapters else None,
+                     prompts[0].prompt if prompts else None)
 
     async def release(self, lease: Lease) -> None:
         await self.slots.release(lease.entries)

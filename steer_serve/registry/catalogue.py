@@ -1,24 +1,30 @@
 """The catalogue: registered ids and their compiled edits, with the one geometry check.
 
-An entry is one of two kinds behind one small interface: an :class:`InterventionEntry` (compiled
+An entry is one of three kinds behind one small interface: an :class:`InterventionEntry` (compiled
 once into per-site low-rank edits, kept on the CPU, one :class:`Part` per device slot; edits acting
-on different positions, pyreft's two interventions per layer, are separate parts) or an
-:class:`AdapterEntry` (a weight-space adapter riding on vLLM's LoRA slots, no parts).
+on different positions, pyreft's two interventions per layer, are separate parts), an
+:class:`AdapterEntry` (a weight-space adapter riding on vLLM's LoRA slots; a DoRA's output scales are
+its one part) or a
+:class:`PromptEntry` (virtual tokens prepended to the prompt's embeddings, no parts).
 """
 from __future__ import annotations
 
 import hashlib
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 from steer_serve.formats.adapters import WeightAdapter
+from steer_serve.formats.peft_prompt import PromptAdapter
 from steer_serve.interventions import edit_config, get_family
 from steer_serve.interventions.base import Intervention, LowRankEdit
 from steer_serve.interventions.positions import parse_positions
 from steer_serve.registry.errors import RegistryError, not_found
 
 Site = tuple[int, str]
+#: Entry kinds whose weights are a directory the server owns (under the store's ``adapters/``).
+DIRECTORY_KINDS = ("adapter", "prompt")
 
 
 @dataclass(eq=False)
@@ -105,6 +111,18 @@ class AdapterEntry(Entry):
     kind: ClassVar[str] = "adapter"
     adapter: WeightAdapter = field(kw_only=True)
     lora_id: int = field(kw_only=True)     # vLLM's LoRA int id (unique per registered adapter content)
+    #: DoRA's output scales, compiled: applied at every position, scale 1, beside the LoRA
+    compiled: list[Part] = field(default_factory=list, kw_only=True)
+    scale: ClassVar[float] = 1.0
+    positions: ClassVar[str] = "all"
+
+    @property
+    def parts(self) -> list[Part]:
+        return self.compiled
+
+    @property
+    def directory(self) -> Path:
+        return self.adapter.path
 
     @property
     def lora(self) -> tuple[str, int, str]:
@@ -119,6 +137,25 @@ class AdapterEntry(Entry):
 
     def status(self) -> str:
         return "adapter"
+
+
+@dataclass(eq=False)
+class PromptEntry(Entry):
+    kind: ClassVar[str] = "prompt"
+    prompt: PromptAdapter = field(kw_only=True)
+
+    @property
+    def directory(self) -> Path:
+        return self.prompt.path
+
+    def set_defaults(self, *, scale: float | None, positions: str | None) -> None:
+        raise RegistryError(f"{self.id!r} is a prompt-space adapter (virtual tokens): it has no scale or positions")
+
+    def details(self) -> dict:
+        return self.prompt.describe()
+
+    def status(self) -> str:
+        return "prompt"
 
 
 def compile_parts(iv: Intervention, *, widths: dict[str, int], heads: dict[str, int]) -> list[Part]:

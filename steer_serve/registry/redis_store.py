@@ -6,7 +6,7 @@ content hash, every change atomic, no lost or half-read record when replicas wri
 
 Keys (under ``steer-serve:``): ``records`` (a hash id -> the record's JSON), ``version`` (an integer
 bumped by every change; replicas poll it), ``files:<kind>:<hash>`` (a hash relative path -> bytes:
-the native files of an intervention, or the servable PEFT directory of an adapter).
+the native files of an intervention, or the owned PEFT directory of an adapter or a prompt).
 
 A change is an optimistic transaction (``WATCH``/``MULTI``): upload the weights (idempotent,
 content-addressed), then watch ``records`` and the weights' key, check, and in one ``MULTI`` write the
@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
-from steer_serve.registry.catalogue import Entry, InterventionEntry
+from steer_serve.registry.catalogue import DIRECTORY_KINDS, Entry, InterventionEntry
 from steer_serve.registry.errors import RegistryError
 
 PREFIX = "steer-serve:"
@@ -33,7 +33,7 @@ MAX_ATTEMPTS = 100
 
 
 def files_key(kind: str, content_hash: str) -> str:
-    return f"{PREFIX}files:{'adapter' if kind == 'adapter' else 'intervention'}:{content_hash}"
+    return f"{PREFIX}files:{kind if kind in DIRECTORY_KINDS else 'intervention'}:{content_hash}"
 
 
 class RedisStore:
@@ -84,7 +84,7 @@ class RedisStore:
 
     def weights_path(self, record: dict) -> Path:
         """The local copy of ``record``'s weights, fetched from the store the first time."""
-        local = (self.adapters_dir if record.get("kind") == "adapter" else self.weights_dir) / record["weights"]
+        local = (self.adapters_dir if record.get("kind") in DIRECTORY_KINDS else self.weights_dir) / record["weights"]
         if not local.is_dir():
             files = self.client.hgetall(files_key(record.get("kind"), record["weights"]))
             if not files:
@@ -129,7 +129,7 @@ class RedisStore:
                     save_native(entry.intervention, Path(staging) / "native")
                     Path(staging, "native").rename(directory)
         else:
-            directory = Path(entry.adapter.path)
+            directory = Path(entry.directory)
         return {str(path.relative_to(directory)): path.read_bytes()
                 for path in sorted(directory.rglob("*")) if path.is_file()}
 

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from steer_serve.registry.catalogue import Entry, InterventionEntry
+from steer_serve.registry.catalogue import DIRECTORY_KINDS, Entry, InterventionEntry
 from steer_serve.registry.errors import RegistryError
 
 logger = logging.getLogger(__name__)
@@ -90,8 +90,8 @@ class RegistryStore:
         return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
     def weights_path(self, record: dict) -> Path:
-        """The local directory holding ``record``'s weights (native, or a PEFT dir for an adapter)."""
-        return (self.adapters_dir if record.get("kind") == "adapter" else self.weights_dir) / record["weights"]
+        """The local directory holding ``record``'s weights (native, or a PEFT dir for an adapter or a prompt)."""
+        return (self.adapters_dir if record.get("kind") in DIRECTORY_KINDS else self.weights_dir) / record["weights"]
 
     def records(self) -> dict[str, dict]:
         """id -> record, as persisted now (atomic renames: never a half-written file)."""
