@@ -23,9 +23,13 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
+#: Families no pyreft/pyvene class saves (control vectors: tests/test_format_control_vectors.py).
+NOT_PYREFT_PYVENE = {"steering_vector", "directional_ablation"}
+
+
 def test_fixtures_cover_every_library_family():
     recorded = {c.family for c in ALL}
-    assert recorded == set(FAMILIES) - {"steering_vector"}, recorded ^ (set(FAMILIES) - {"steering_vector"})
+    assert recorded == set(FAMILIES) - NOT_PYREFT_PYVENE, recorded ^ (set(FAMILIES) - NOT_PYREFT_PYVENE)
     assert set(manifest()["cases"]) == {c.name for c in ALL}
     assert {c.meta["model"] for c in ALL if c.meta["library"] == "pyreft"} == {"tiny", "smollm"}
 

@@ -48,11 +48,14 @@ class InterventionCreate(BaseModel):
     id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$",
                     description="the name requests use (`intervention`, or `model`)")
     source: str = Field(min_length=1, max_length=1024, description="directory/file in an allowed dir, or a hub id")
-    format: Literal["auto", "native", "pyreft", "pyvene"] = Field(default="auto", description="source format")
+    format: Literal["auto", "native", "pyreft", "pyvene", "gguf", "steering_vectors", "caa"] = Field(
+        default="auto", description="source format")
     positions: str | None = Field(default=None, max_length=32, description="default positions: f<n>, l<n>, "
                                                                            "f<n>+l<n>, prompt, generated, all")
     scale: float | None = Field(default=None, ge=-100, le=100, allow_inf_nan=False, description="default scale")
     act_fn: str | None = Field(default=None, max_length=32, description="pyreft act_fn (not saved by pyreft)")
+    operator: str | None = Field(default=None, max_length=32, description="control-vector files: addition "
+                                 "(default), ablation or ablation_then_addition (steering-vectors' operators)")
     replace: bool = Field(default=False, description="swap out an existing id (409 without it)")
 
     _positions = field_validator("positions")(_check_positions)
