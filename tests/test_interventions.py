@@ -24,7 +24,7 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 #: Families no pyreft/pyvene class saves (control vectors: tests/test_format_control_vectors.py).
-NOT_PYREFT_PYVENE = {"steering_vector", "directional_ablation"}
+NOT_PYREFT_PYVENE = {"steering_vector", "directional_ablation", "projection_clamp", "norm_preserving_steering"}
 
 
 def test_fixtures_cover_every_library_family():

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from .base import LowRankEdit
-from .family import Family, expect_shape, f32
+from .family import Family, expect_shape, unit
 
 
 def _mean(config: dict) -> float:
@@ -21,28 +19,21 @@ def _mean(config: dict) -> float:
     return float(mean)
 
 
-def _unit(direction: torch.Tensor) -> torch.Tensor:
-    norm = direction.double().norm()
-    if norm == 0:
-        raise ValueError("directional_ablation: parameter 'direction' is zero")
-    return (direction.double() / norm).to(torch.float32)
-
-
 class DirectionalAblation(Family):
     name = "directional_ablation"
     required = ("direction",)
 
     def check(self, params, config, width):
         expect_shape(self.name, params, "direction", (width,))
-        _unit(params["direction"])
+        unit(self.name, params["direction"])
         _mean(config)
 
     def forward(self, h, params, config):
-        r = _unit(params["direction"]).to(h.dtype)
+        r = unit(self.name, params["direction"]).to(h.dtype)
         return (h - (h @ r)[..., None] * r + _mean(config) * r).to(h.dtype)
 
     def lowrank(self, params, config):
-        r = _unit(f32(params["direction"]))
+        r = unit(self.name, params["direction"])
         return LowRankEdit(P=r[:, None], U=r[:, None], v=_mean(config) * r)
 
 
