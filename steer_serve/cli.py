@@ -141,7 +141,8 @@ def _add_convert(sub) -> None:
                    "steering_vectors, caa)")
     p.add_argument("--positions", default=None, help="positions to record (pyreft dirs do not store them)")
     p.add_argument("--act-fn", default=None, help="pyreft act_fn (not stored by pyreft)")
-    p.add_argument("--operator", default=None, help="control-vector files: addition, ablation, ablation_then_addition")
+    p.add_argument("--operator", default=None,
+                   help="control-vector files: addition, ablation, ablation_then_addition")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
 
 
@@ -161,7 +162,8 @@ def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="print families, placements, shapes and parameter count")
     p.add_argument("path", help="intervention directory, control-vector file (.gguf, .pt, .safetensors) or hub id")
     p.add_argument("--format", default="auto", help="source format")
-    p.add_argument("--operator", default=None, help="control-vector files: addition, ablation, ablation_then_addition")
+    p.add_argument("--operator", default=None,
+                   help="control-vector files: addition, ablation, ablation_then_addition")
     p.add_argument("--json", action="store_true", help="print JSON")
     width = p.add_mutually_exclusive_group()
     width.add_argument("--hidden-size", type=int, default=None,

@@ -141,8 +141,8 @@ def test_other_gguf_content(tmp_path):
              "general.architecture is 'llama', not 'controlvector'")
     _refused(_gguf(tmp_path / "half.gguf", {"direction.3": np.ones(576, np.float16)}), "invalid_gguf",
              "type F16; control vectors are F32")
-    _refused(_gguf(tmp_path / "extra.gguf", {"direction.3": np.ones(576, np.float32), "token_embd": np.ones(4, np.float32)}),
-             "invalid_gguf", "unexpected tensor 'token_embd'")
+    extra = {"direction.3": np.ones(576, np.float32), "token_embd": np.ones(4, np.float32)}
+    _refused(_gguf(tmp_path / "extra.gguf", extra), "invalid_gguf", "unexpected tensor 'token_embd'")
     _refused(_gguf(tmp_path / "count.gguf", {"direction.3": np.ones(576, np.float32)}, layer_count=2), "invalid_gguf",
              "layer_count is 2 but the file holds 1")
 

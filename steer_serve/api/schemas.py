@@ -21,8 +21,9 @@ class InterventionRef(BaseModel):
     id: str = Field(min_length=1, max_length=128, description="a registered intervention id")
     scale: float | None = Field(default=None, ge=-100, le=100, allow_inf_nan=False,
                                 description="multiplies the edit: h + scale·(f(h) − h); default: its registered scale")
-    positions: str | None = Field(default=None, max_length=32, description="f<n>, l<n>, f<n>+l<n>, prompt, generated, all, "
-                                     "<i> (prompt index, -1 = last), <a>:<b> (prompt slice), g<a>:<b> (generated steps)")
+    positions: str | None = Field(default=None, max_length=32, description=(
+        "f<n>, l<n>, f<n>+l<n>, prompt, generated, all, <i> (prompt index, -1 = last), <a>:<b> (prompt slice), "
+        "g<a>:<b> (generated steps)"))
 
     _positions = field_validator("positions")(_check_positions)
 
