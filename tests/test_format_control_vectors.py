@@ -159,3 +159,4 @@ def test_unsafe_pickle_and_unknown_operator(tmp_path):
     _refused(DATA / "steering_vector.pt", "unknown_operator", "unknown operator 'multiply'", operator="multiply")
     _refused(REPO / "tests" / "fixtures" / "data" / "cases" / "pyvene_addition_tiny" / "save", "unknown_operator",
              "operator applies to control-vector files", operator="ablation")
+    _refused(DATA / "repeng.gguf", "invalid_intervention", "act_fn applies to pyreft", act_fn="relu")

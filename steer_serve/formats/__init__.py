@@ -131,6 +131,9 @@ def _read_vectors(path: Path, fmt: str, operator) -> Intervention:
 def _read(directory: Path, fmt: str, positions, act_fn, hidden_size, head, num_heads, widths, heads,
           operator) -> Intervention:
     if fmt in VECTOR_FORMATS:
+        if act_fn is not None:
+            raise InterventionFormatError(f"act_fn applies to pyreft and native sources, not to a {fmt} control "
+                                          "vector", param="act_fn", code="invalid_intervention")
         return _read_vectors(directory, fmt, operator)
     if operator is not None:
         raise InterventionFormatError(f"operator applies to control-vector files ({', '.join(VECTOR_FORMATS)}), "
