@@ -3,9 +3,9 @@ layer, K distinct per batch, against plain LoReFT on every layer and unsteered, 
 
 One server (``--max-interventions 64 --max-rank 4``); each method's K random interventions edit
 ``block_output`` of every layer (positions ``all``); batch B requests x N new tokens (greedy,
-ignore_eos); unsteered first and again last (drift control). Each row gets a warm-up batch and
-``--rounds`` timed batches with fresh prompts; tok/s is the best round, the ratio is to the mean of the
-two unsteered rows.
+ignore_eos); unsteered first and again last. A warm-up round, then rounds that each time every
+configuration in turn (interleaved, so load changes on a shared machine hit every row alike), fresh
+prompts each time; tok/s is the best round, the ratio is to the mean of the two unsteered rows.
 
     python benchmarks/methods_throughput.py [--quick]
 
@@ -24,7 +24,7 @@ from pathlib import Path
 from bench_util import RESULTS, machine, prompts, random_loreft_native, register_all, start_server, table, timed_batch
 
 FULL = {"batch": 64, "new_tokens": 64, "prompt_len": 32, "k": 64, "rounds": 3}
-QUICK = {"batch": 16, "new_tokens": 16, "prompt_len": 16, "k": 16, "rounds": 2}
+QUICK = {"batch": 16, "new_tokens": 16, "prompt_len": 16, "k": 16, "rounds": 3}
 SERVER_ARGS = ["--max-interventions", "64", "--max-rank", "4"]
 METHODS = ("loreft", "directional_ablation", "projection_clamp", "norm_preserving_steering")
 
@@ -54,14 +54,21 @@ def method_native(directory: Path, method: str, seed: int, layers: list[int], hi
 
 
 def measure(url: str, p: dict) -> list[dict]:
-    rows = []
+    """Rounds interleave the configurations (each round times every one in turn), so a load change on a
+    shared machine hits every row alike."""
     configs = [("unsteered", None)] + [(f"{m} K={p['k']}", m) for m in METHODS] + [("unsteered (again)", None)]
-    for c, (label, method) in enumerate(configs):
-        steering = [{} if method is None else {"intervention": f"{method}-{i % p['k']}"} for i in range(p["batch"])]
-        timed_batch(url, prompts(p["batch"], p["prompt_len"], 10_000 + c), steering, 4)  # warm-up: load slots
-        seconds = [timed_batch(url, prompts(p["batch"], p["prompt_len"], 100 * c + r), steering, p["new_tokens"])[0]
-                   for r in range(p["rounds"])]
-        tok_s = [p["batch"] * p["new_tokens"] / s for s in seconds]
+    steering = {label: [{} if m is None else {"intervention": f"{m}-{i % p['k']}"} for i in range(p["batch"])]
+                for label, m in configs}
+    seconds = {label: [] for label, _ in configs}
+    for r in range(p["rounds"] + 1):                    # round 0: warm-up (loads the slots), not timed
+        for c, (label, _) in enumerate(configs):
+            batch = prompts(p["batch"], p["prompt_len"], 100 * c + r)
+            elapsed = timed_batch(url, batch, steering[label], p["new_tokens"] if r else 4)[0]
+            if r:
+                seconds[label].append(elapsed)
+    rows = []
+    for label, _ in configs:
+        tok_s = [p["batch"] * p["new_tokens"] / s for s in seconds[label]]
         rows.append({"config": label, "tok_s": max(tok_s), "tok_s_median": statistics.median(tok_s),
                      "tok_s_rounds": tok_s})
         print(f"  {label:<34} {rows[-1]['tok_s']:8.1f} tok/s  rounds {[round(t, 1) for t in tok_s]}", flush=True)
