@@ -12,12 +12,13 @@ contiguous block per slot and, on CPU, one ``embedding_bag`` table serves each h
   bias rides on an appended constant-1 input column);
 * ``uv``  ``[S, R+1, d]``: rows ``r < R`` are ``U[:, r]``, row ``R`` is ``v`` (``v`` rides on an
   appended constant-1 weight);
-* ``z``   ``[S, d]`` and ``act`` ``[S]`` int32 (codes of :data:`ACT_CODES`).
+* ``z``   ``[S, d]``, ``act`` ``[S]`` int32 (codes of :data:`ACT_CODES`) and ``renorm`` ``[S]`` int32 (1:
+  rescale the edited row to the norm of the row it edited, ``LowRankEdit.renorm``).
 
 ``W, b, P, U, v`` are views into ``wp``/``uv`` with the shapes of the contract. A slot with the
 linear activation is stored folded, ``W − Pᵀ`` in ``W`` and zeros in ``P`` (the same ``delta``
 with one GEMM fewer on the CPU path). Writes go through :meth:`SlotTables.write`, which also
-keeps a host-side summary per slot (used, has a low-rank part, has ``z``, act code) so the CPU
+keeps a host-side summary per slot (used, has a low-rank part, has ``z``, act code, renorm) so the CPU
 path can skip work without reading the tables; write through one ``SlotTables`` object per set of
 buffers (:meth:`SlotTables.from_buffers` rebuilds the summary from the buffers).
 """
@@ -34,7 +35,7 @@ from steer_serve.interventions.base import ACTIVATIONS, LowRankEdit
 ACT_CODES = {"linear": 0, "relu": 1, "gelu": 2, "tanh": 3, "sigmoid": 4, "silu": 5}
 assert tuple(ACT_CODES) == ACTIVATIONS
 
-_BUFFERS = ("wp", "uv", "z", "act")
+_BUFFERS = ("wp", "uv", "z", "act", "renorm")
 
 
 @dataclass
@@ -43,22 +44,26 @@ class SlotTables:
     uv: torch.Tensor   # [S, R+1, d]
     z: torch.Tensor    # [S, d]
     act: torch.Tensor  # [S] int32
+    renorm: torch.Tensor  # [S] int32
     lowrank: np.ndarray = field(init=False, repr=False)  # host: W/b/P/U set per slot
     codes: np.ndarray = field(init=False, repr=False)   # host: act code per slot
     has_z: np.ndarray = field(init=False, repr=False)   # host: z set per slot
+    renorms: np.ndarray = field(init=False, repr=False)  # host: renorm set per slot
     used: np.ndarray = field(init=False, repr=False)    # host: slot holds any edit
     _views: dict = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self):
         S, d1, R2 = self.wp.shape
         if R2 % 2 or self.uv.shape != (S, R2 // 2 + 1, d1 - 1) or self.z.shape != (S, d1 - 1) \
-                or self.act.shape != (S,) or self.act.dtype != torch.int32:
+                or self.act.shape != (S,) or self.act.dtype != torch.int32 or self.renorm.shape != (S,) \
+                or self.renorm.dtype != torch.int32:
             raise ValueError("inconsistent slot table buffers")
         # Host summary, read once from the buffers (a single device sync at construction).
         lowrank = self.wp.ne(0).flatten(1).any(1) | self.uv[:, :-1].ne(0).flatten(1).any(1)
         self.lowrank = lowrank.cpu().numpy()
         self.codes = self.act.cpu().numpy().astype(np.int64)
         self.has_z = self.z.ne(0).any(1).cpu().numpy()
+        self.renorms = self.renorm.ne(0).cpu().numpy()
         self.used = self.lowrank | self.has_z | self.uv[:, -1].ne(0).any(1).cpu().numpy()
 
     # -- construction ------------------------------------------------------------------------
@@ -144,9 +149,11 @@ class SlotTables:
             if edit.z is not None:
                 self.z[slot].copy_(edit.z)
             self.act[slot] = ACT_CODES[edit.act]
+            self.renorm[slot] = int(edit.renorm)
         self.lowrank[slot] = any(getattr(edit, n) is not None for n in ("W", "b", "P", "U"))
         self.codes[slot] = ACT_CODES[edit.act]
         self.has_z[slot] = edit.z is not None
+        self.renorms[slot] = edit.renorm
         self.used[slot] = self.lowrank[slot] or edit.v is not None or edit.z is not None
 
     def clear(self, slot: int) -> None:
@@ -157,9 +164,11 @@ class SlotTables:
             self.uv[slot].zero_()
             self.z[slot].zero_()
             self.act[slot] = 0
+            self.renorm[slot] = 0
         self.lowrank[slot] = False
         self.codes[slot] = 0
         self.has_z[slot] = False
+        self.renorms[slot] = False
         self.used[slot] = False
 
     def _check_slot(self, slot: int) -> None:
@@ -170,7 +179,7 @@ class SlotTables:
 
 def register_slot_tables(module: torch.nn.Module, name: str, num_slots: int, max_rank: int,
                          hidden: int, device=None, dtype: torch.dtype = torch.float32) -> SlotTables:
-    """Register zeroed slot tables as non-persistent buffers ``{name}_{wp,uv,z,act}`` of ``module``.
+    """Register zeroed slot tables as non-persistent buffers ``{name}_{wp,uv,z,act,renorm}`` of ``module``.
 
     Use :meth:`SlotTables.from_buffers` to get a fresh view if the module is moved afterwards.
     """
@@ -186,4 +195,5 @@ def _empty(num_slots, max_rank, hidden, device, dtype) -> dict[str, torch.Tensor
     return {"wp": torch.zeros(S, d + 1, 2 * R, device=device, dtype=dtype),
             "uv": torch.zeros(S, R + 1, d, device=device, dtype=dtype),
             "z": torch.zeros(S, d, device=device, dtype=dtype),
-            "act": torch.zeros(S, device=device, dtype=torch.int32)}
+            "act": torch.zeros(S, device=device, dtype=torch.int32),
+            "renorm": torch.zeros(S, device=device, dtype=torch.int32)}

@@ -1,7 +1,8 @@
 """Vectorised torch path of :func:`steer_serve.kernels.apply_interventions` (what the CPU engine runs).
 
 Columns are applied in order, each to the previous one's result; a column that changes no row
-costs no copy. Only *active* rows (slot != 0, coef != 0, and the slot holds an edit in this
+costs no copy. Rows of a ``renorm`` slot are rescaled to the norm of their base row after the edit.
+Only *active* rows (slot != 0, coef != 0, and the slot holds an edit in this
 table) are computed; the others are copied, so they stay bit-exact. Control flow (which rows,
 which strategy, which activations, whether ``z`` is needed) is decided on the host with numpy
 from the step's :class:`~.step_plan.StepPlan` (built once per step, shared by every layer) and
@@ -31,6 +32,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from steer_serve.interventions import renormalise
 
 from .slot_tables import SlotTables
 from .step_plan import ColumnPlan, StepPlan
@@ -63,6 +66,8 @@ def _apply_column(x: torch.Tensor, base: torch.Tensor, column: ColumnPlan, t: Sl
         if c == 0 or not t.used[slot]:
             return None
         out = _one_slot(base, x.float(), slot, c, t)
+        if t.renorms[slot]:
+            out = renormalise(out, base.float())
         return out if out.dtype == base.dtype else out.to(base.dtype)
     rows = column.rows
     used = t.used[column.slots_np[rows]]
@@ -72,12 +77,24 @@ def _apply_column(x: torch.Tensor, base: torch.Tensor, column: ColumnPlan, t: Sl
         return None
     if rows.size == len(column.slots_np):
         delta = _delta(x.float(), column.slots_np, column.slots, t)
-        return torch.addcmul(base.float(), column.coef.float()[:, None], delta).to(base.dtype)
+        new = torch.addcmul(base.float(), column.coef.float()[:, None], delta)
+        return _renorm_rows(new, base.float(), column.slots_np, t).to(base.dtype)
     rows_t, slots_np, slots, coef = column.gathered if rows is column.rows else column.select(rows)
     delta = _delta(x.index_select(0, rows_t).float(), slots_np, slots, t)
-    new = torch.addcmul(base.index_select(0, rows_t).float(), coef.float()[:, None], delta)
+    old = base.index_select(0, rows_t).float()
+    new = _renorm_rows(torch.addcmul(old, coef.float()[:, None], delta), old, slots_np, t)
     out = base.clone(memory_format=torch.contiguous_format)
     return out.index_copy_(0, rows_t, new.to(base.dtype))
+
+
+def _renorm_rows(new: torch.Tensor, old: torch.Tensor, slots_np: np.ndarray, t: SlotTables) -> torch.Tensor:
+    """``new`` with the rows of renorm slots rescaled to the norm of ``old``'s rows."""
+    flags = t.renorms[slots_np]
+    if not flags.any():
+        return new
+    if flags.all():
+        return renormalise(new, old)
+    return torch.where(torch.from_numpy(flags).to(new.device)[:, None], renormalise(new, old), new)
 
 
 def _delta(x: torch.Tensor, slots_np: np.ndarray, slots: torch.Tensor, t: SlotTables) -> torch.Tensor:

@@ -61,7 +61,23 @@ def _act(a, code):
 
 
 @triton.jit
-def _apply(x_ptr, base_ptr, out_ptr, slots_ptr, coef_ptr, wp_ptr, uv_ptr, z_ptr, act_ptr,
+def _edited(x_rows, b_rows, uv, z_ptr, slot, s, coef, rows, offs_d, offs_r, in_r, D, R, sxd, sbd,
+            PRECISION: tl.constexpr):
+    """One hidden chunk of the tile's rows: ``(base, base + coef·(s Uᵀ + v − x ⊙ z))``, the second in fp32."""
+    in_d = offs_d < D
+    m = rows[:, None] & in_d[None, :]
+    uk = tl.load(uv + offs_r[:, None] * D + offs_d[None, :], mask=in_r[:, None] & in_d[None, :],
+                 other=0.0).to(tl.float32)
+    vk = tl.load(uv + R * D + offs_d, mask=in_d, other=0.0).to(tl.float32)
+    zk = tl.load(z_ptr + slot * D + offs_d, mask=in_d, other=0.0).to(tl.float32)
+    xk = tl.load(x_rows + offs_d[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
+    base = tl.load(b_rows + offs_d[None, :] * sbd, mask=m)
+    delta = tl.dot(s, uk, input_precision=PRECISION) + vk[None, :] - xk * zk[None, :]
+    return base, base.to(tl.float32) + coef[:, None] * delta
+
+
+@triton.jit
+def _apply(x_ptr, base_ptr, out_ptr, slots_ptr, coef_ptr, wp_ptr, uv_ptr, z_ptr, act_ptr, renorm_ptr,
            T, D, R, sxm, sxd, sbm, sbd,
            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
            PRECISION: tl.constexpr, IN_PLACE: tl.constexpr):
@@ -135,20 +151,33 @@ def _apply(x_ptr, base_ptr, out_ptr, slots_ptr, coef_ptr, wp_ptr, uv_ptr, z_ptr,
     code = tl.load(act_ptr + slot)
     s = _act(acc_a + bias[None, :], code) - acc_p
 
-    # Expand: out = base + coef * (s Uᵀ + v - x z) on live rows, base elsewhere.
+    # Expand: out = base + coef * (s Uᵀ + v - x z) on live rows, base elsewhere. A renorm slot first
+    # sums the squares of base and new rows (storing nothing, so an in-place base stays intact), then
+    # recomputes each chunk and stores it rescaled by ‖base‖ / ‖new‖.
+    renorm = tl.load(renorm_ptr + slot) != 0
+    base_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    new_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k in range(0, D, BLOCK_D):
         offs_d = k + tl.arange(0, BLOCK_D)
-        in_d = offs_d < D
-        m = rows[:, None] & in_d[None, :]
-        uk = tl.load(uv + offs_r[:, None] * D + offs_d[None, :], mask=in_r[:, None] & in_d[None, :],
-                     other=0.0).to(tl.float32)
-        vk = tl.load(uv + R * D + offs_d, mask=in_d, other=0.0).to(tl.float32)
-        zk = tl.load(z_ptr + slot * D + offs_d, mask=in_d, other=0.0).to(tl.float32)
-        xk = tl.load(x_rows + offs_d[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
-        base = tl.load(b_rows + offs_d[None, :] * sbd, mask=m)
-        delta = tl.dot(s, uk, input_precision=PRECISION) + vk[None, :] - xk * zk[None, :]
-        new = (base.to(tl.float32) + coef[:, None] * delta).to(base.dtype)
-        tl.store(o_rows + offs_d[None, :], tl.where(live[:, None], new, base), mask=m)
+        m = rows[:, None] & (offs_d < D)[None, :]
+        base, new = _edited(x_rows, b_rows, uv, z_ptr, slot, s, coef, rows, offs_d, offs_r, in_r, D, R, sxd, sbd,
+                            PRECISION)
+        if renorm:
+            b32 = tl.where(m, base.to(tl.float32), 0.0)
+            n32 = tl.where(m, new, 0.0)
+            base_sq += tl.sum(b32 * b32, axis=1)
+            new_sq += tl.sum(n32 * n32, axis=1)
+        else:
+            tl.store(o_rows + offs_d[None, :], tl.where(live[:, None], new.to(base.dtype), base), mask=m)
+    if renorm:
+        scale = tl.where(new_sq > 0.0, tl.sqrt(base_sq / tl.where(new_sq > 0.0, new_sq, 1.0)), 1.0)
+        for k in range(0, D, BLOCK_D):
+            offs_d = k + tl.arange(0, BLOCK_D)
+            m = rows[:, None] & (offs_d < D)[None, :]
+            base, new = _edited(x_rows, b_rows, uv, z_ptr, slot, s, coef, rows, offs_d, offs_r, in_r, D, R, sxd,
+                                sbd, PRECISION)
+            new = (new * scale[:, None]).to(base.dtype)
+            tl.store(o_rows + offs_d[None, :], tl.where(live[:, None], new, base), mask=m)
 
 
 def apply_triton(x: torch.Tensor, slots: torch.Tensor, coef: torch.Tensor, tables: SlotTables,
@@ -168,7 +197,7 @@ def apply_triton(x: torch.Tensor, slots: torch.Tensor, coef: torch.Tensor, table
         src, src_base = (x, base) if column == 0 else (out, out)
         _apply[grid](
             src, src_base, out, slots[column].contiguous(), coef[column].contiguous(),
-            tables.wp, tables.uv, tables.z, tables.act,
+            tables.wp, tables.uv, tables.z, tables.act, tables.renorm,
             T, D, R, src.stride(0), src.stride(1), src_base.stride(0), src_base.stride(1),
             BLOCK_M=BLOCK_M, BLOCK_D=128 if r_pad <= 32 else 64, R_PAD=r_pad,
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32", IN_PLACE=column > 0,

@@ -139,11 +139,14 @@ def _serve(args, vllm_flags: list[str]) -> None:
 
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="write any supported intervention source in the native format")
-    p.add_argument("src", help="pyreft/pyvene/native directory or hub id")
+    p.add_argument("src", help="pyreft/pyvene/native directory, control-vector file or hub id")
     p.add_argument("dst", help="target directory (native: intervention.json + weights.safetensors)")
-    p.add_argument("--format", default="auto", help="source format (auto, native, pyreft, pyvene)")
+    p.add_argument("--format", default="auto", help="source format (auto, native, pyreft, pyvene, gguf, "
+                   "steering_vectors, caa)")
     p.add_argument("--positions", default=None, help="positions to record (pyreft dirs do not store them)")
     p.add_argument("--act-fn", default=None, help="pyreft act_fn (not stored by pyreft)")
+    p.add_argument("--operator", default=None,
+                   help="control-vector files: addition, ablation, ablation_then_addition")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
 
 
@@ -151,7 +154,8 @@ def _convert(args) -> None:
     from steer_serve.formats import describe_intervention, load_intervention
     from steer_serve.formats.native import save_native
 
-    iv = load_intervention(args.src, format=args.format, positions=args.positions, act_fn=args.act_fn)
+    iv = load_intervention(args.src, format=args.format, positions=args.positions, act_fn=args.act_fn,
+                          operator=args.operator)
     save_native(iv, args.dst, overwrite=args.overwrite)
     summary = describe_intervention(iv)
     print(f"wrote {args.dst}: {len(iv.edits)} edit(s), families {', '.join(summary['families'])}, "
@@ -160,8 +164,10 @@ def _convert(args) -> None:
 
 def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="print families, placements, shapes and parameter count")
-    p.add_argument("path", help="intervention directory or hub id")
+    p.add_argument("path", help="intervention directory, control-vector file (.gguf, .pt, .safetensors) or hub id")
     p.add_argument("--format", default="auto", help="source format")
+    p.add_argument("--operator", default=None,
+                   help="control-vector files: addition, ablation, ablation_then_addition")
     p.add_argument("--json", action="store_true", help="print JSON")
     width = p.add_mutually_exclusive_group()
     width.add_argument("--hidden-size", type=int, default=None,
@@ -193,7 +199,8 @@ def _inspect(args) -> None:
     from steer_serve.formats import describe_intervention, load_intervention
 
     geometry = _model_geometry(args.model) if args.model else {"hidden_size": args.hidden_size}
-    summary = describe_intervention(load_intervention(args.path, format=args.format, **geometry))
+    summary = describe_intervention(load_intervention(args.path, format=args.format, operator=args.operator,
+                                                      **geometry))
     if args.json:
         print(json.dumps(summary, indent=2))
         return

@@ -140,6 +140,61 @@ def garbage_config(allowed, outside, marker):
     return str(target), "intervention.json"
 
 
+def _control_gguf(path: Path, tensors: dict) -> Path:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "controlvector")
+    writer.add_uint32("controlvector.layer_count", len(tensors))
+    for name, value in tensors.items():
+        writer.add_tensor(name, value.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def gguf_wrong_hidden_size(allowed, outside, marker):
+    return str(_control_gguf(allowed / "hostile-narrow.gguf", {"direction.3": torch.ones(512)})), "hidden size 512"
+
+
+def gguf_layer_out_of_range(allowed, outside, marker):
+    return str(_control_gguf(allowed / "hostile-deep.gguf", {"direction.30": torch.ones(HIDDEN)})), "layer 30"
+
+
+def gguf_nan(allowed, outside, marker):
+    vector = torch.ones(HIDDEN)
+    vector[5] = float("nan")
+    return str(_control_gguf(allowed / "hostile-nan.gguf", {"direction.3": vector})), "NaN"
+
+
+def gguf_truncated(allowed, outside, marker):
+    path = _control_gguf(allowed / "hostile-cut.gguf", {"direction.3": torch.ones(HIDDEN)})
+    path.write_bytes(path.read_bytes()[:100])
+    return str(path), "cannot read it as GGUF"
+
+
+def gguf_oversized(allowed, outside, marker):
+    path = allowed / "hostile-huge.gguf"
+    with open(path, "wb") as f:  # sparse: refused by its size before any read
+        f.truncate(3 << 30)
+    return str(path), "above the limit"
+
+
+def pickle_steering_vector(allowed, outside, marker):
+    path = allowed / "hostile-steering-vector.pt"
+    torch.save({"layer_activations": {3: Payload(marker)}}, path)
+    return str(path), "unpickle"
+
+
+def caa_wrong_layer_count(allowed, outside, marker):
+    path = allowed / "hostile-caa.safetensors"
+    save_file({"vectors": torch.ones(2, HIDDEN), "layers": torch.tensor([1, 2, 3])}, str(path))
+    return str(path), "2 rows but layers lists 3"
+
+
 BUILDERS = [pickle_pyreft, pickle_pyvene, truncated_safetensors, wrong_hidden_size, wrong_dtype, nan_weights,
             inf_weights, rank_100000, placements_10000, layer_out_of_range, unknown_family, symlink_escape,
-            symlinked_weights, dotdot_escape, huge_json, garbage_config]
+            symlinked_weights, dotdot_escape, huge_json, garbage_config, gguf_wrong_hidden_size,
+            gguf_layer_out_of_range, gguf_nan, gguf_truncated, gguf_oversized, pickle_steering_vector,
+            caa_wrong_layer_count]

@@ -25,7 +25,7 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_fixtures_cover_every_library_family():
     recorded = {c.family for c in ALL}
-    library = {name for name, family in FAMILIES.items() if family.library_classes}  # not steering_vector, IA3's
+    library = {name for name, family in FAMILIES.items() if family.library_classes}  # not steering vectors, control-vector methods, IA3's
     assert recorded == library, recorded ^ library
     assert set(manifest()["cases"]) == {c.name for c in ALL}
     assert {c.meta["model"] for c in ALL if c.meta["library"] == "pyreft"} == {"tiny", "smollm"}

@@ -23,7 +23,7 @@ from steer_serve.kernels import torch_ops
 
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()
-D, R, S = 136, 5, 9   # d > 128 so the Triton kernel loops over two hidden chunks
+D, R, S = 136, 5, 10  # d > 128 so the Triton kernel loops over two hidden chunks
 
 _REF_ACTS = {
     "linear": lambda a: a,
@@ -55,6 +55,8 @@ def make_edits(d=D, r_max=R, seed=0) -> dict[int, LowRankEdit]:
     edits[2] = edits[2].replace(z=rnd(d))            # relu slot also zeroes/scales some dims
     edits[7] = LowRankEdit(v=rnd(d))                 # steering vector
     edits[8] = LowRankEdit(W=rnd(r_max, d), b=rnd(r_max), U=rnd(d, r_max), act="tanh")  # DiReFT-style, P=None
+    edits[5] = edits[5].replace(renorm=True)         # rescaled to the base row's norm
+    edits[9] = LowRankEdit(v=rnd(d) * 10, renorm=True)  # norm-preserving steering vector
     return edits
 
 
@@ -77,7 +79,10 @@ def reference(x, slots, coef, edits, out_base=None):
         f = lambda val, shape: torch.zeros(shape, dtype=torch.float64) if val is None else val.double()  # noqa: E731
         a = _REF_ACTS[edit.act](h @ f(edit.W, (r, d)).T + f(edit.b, (r,)))
         delta = (a - h @ f(edit.P, (d, r))) @ f(edit.U, (d, r)).T + f(edit.v, (d,)) - h * f(edit.z, (d,))
-        out[t] = (base[t].double() + c * delta).to(base.dtype)
+        new = base[t].double() + c * delta
+        if edit.renorm and new.norm() > 0:
+            new = new * base[t].double().norm() / new.norm()
+        out[t] = new.to(base.dtype)
     return out
 
 
@@ -154,6 +159,18 @@ def test_every_act_code_alone(backend, act):
     slots = torch.full((20,), 4, dtype=torch.int64, device=backend)
     out = apply_interventions(x, slots, coef, make_tables(edits, device=backend))
     assert_close(out, reference(x.cpu(), slots.cpu(), coef.cpu(), edits))
+
+
+@pytest.mark.parametrize("slot", [5, 9])
+def test_renorm_slot_alone(backend, slot):
+    """A renorm slot on every row (the torch path's uniform case): rows keep their norm."""
+    edits = make_edits()
+    x, _, coef = batch(20, backend, all_active=True)
+    slots = torch.full((20,), slot, dtype=torch.int64, device=backend)
+    out = apply_interventions(x, slots, coef, make_tables(edits, device=backend))
+    assert_close(out, reference(x.cpu(), slots.cpu(), coef.cpu(), edits))
+    torch.testing.assert_close(out.norm(dim=1).cpu(), x.norm(dim=1).cpu())
+    assert (out - x).abs().max() > 0.1
 
 
 def test_slots_present_but_unused(backend):
@@ -346,9 +363,11 @@ def test_clear_slot_zero_rejected():
 def test_register_slot_tables_buffers():
     module = torch.nn.Module()
     tables = register_slot_tables(module, "steer_x", S, R, D)
-    assert {n for n, _ in module.named_buffers()} == {f"steer_x_{n}" for n in ("wp", "uv", "z", "act")}
+    assert {n for n, _ in module.named_buffers()} == {f"steer_x_{n}" for n in ("wp", "uv", "z", "act", "renorm")}
     assert module.state_dict() == {}
     tables.write(3, make_edits()[3])
+    tables.write(5, make_edits()[5])
     again = SlotTables.from_buffers(module, "steer_x")
+    assert again.renorms[5] and not again.renorms[3]
     assert again.wp.data_ptr() == module.steer_x_wp.data_ptr()
     assert again.used[3] and again.lowrank[3] and again.codes[3] == ACT_CODES["gelu"] and not again.used[4]

@@ -37,3 +37,12 @@ def test_noreft_transposed_projection_is_encoded():
     assert not lowrank.P.is_contiguous()
     decoded = _decode_slot_payload(*encode_slot_payload({(1, "block_output"): lowrank}))[(1, "block_output")]
     assert torch.equal(decoded.P, lowrank.P) and torch.equal(decoded.U, lowrank.U)
+
+
+def test_renorm_flag_is_encoded():
+    """Norm-preserving steering's ``renorm`` reaches the worker (and only where it is set)."""
+    plain, kept = get_family("steering_vector"), get_family("norm_preserving_steering")
+    vector = {"vector": torch.ones(8)}
+    sites = {(1, "block_output"): plain.to_lowrank(vector, {}), (2, "block_output"): kept.to_lowrank(vector, {})}
+    decoded = _decode_slot_payload(*encode_slot_payload(sites))
+    assert not decoded[(1, "block_output")].renorm and decoded[(2, "block_output")].renorm

@@ -84,9 +84,17 @@ def reference_fill(steering: dict, req_ids, num_scheduled, num_computed, num_pro
 
 
 def random_spec(rng) -> str:
-    kind = rng.choice(["f", "l", "f+l", "prompt", "generated", "all"])
+    kind = rng.choice(["f", "l", "f+l", "prompt", "generated", "all", "index", "slice", "steps"])
     if kind in ("prompt", "generated", "all"):
         return kind
+    a, b = (int(x) for x in rng.integers(-12, 12, size=2))
+    if kind == "index":
+        return str(a)
+    if kind == "slice":
+        return f"{a if rng.random() < 0.8 else ''}:{b if rng.random() < 0.8 else ''}"
+    if kind == "steps":
+        a = abs(a)
+        return f"g{a}:{a + abs(b) + 1 if rng.random() < 0.7 else ''}"
     first, last = rng.integers(1, 9, size=2)
     return {"f": f"f{first}", "l": f"l{last}", "f+l": f"f{first}+l{last}"}[kind]
 
@@ -147,7 +155,8 @@ def test_vectorised_fill_matches_per_request_reference(seed):
 
 def test_position_spans_are_the_masks():
     """``position_spans`` of every kind, on every short prompt, is ``Positions.mask``."""
-    specs = [parse_positions(s) for s in ("all", "prompt", "generated", "f1", "l2", "f3+l1", "f2+l5", "l9")]
+    specs = [parse_positions(s) for s in ("all", "prompt", "generated", "f1", "l2", "f3+l1", "f2+l5", "l9", "-1", "0",
+                                          "5", "-3:", ":-2", "2:-1", "-30:4", "g0:3", "g2:")]
     positions = np.arange(30)
     for spec in specs:
         for prompt in range(12):
@@ -176,3 +185,29 @@ def test_request_table_grows_and_reuses_entries():
         assert np.array_equal(state.slots.numpy(), slots) and np.array_equal(state.coef.numpy(), coef)
         assert state.num_columns == columns
     assert len(state._rows) <= 2 * 200 + 64
+
+
+@pytest.mark.parametrize("spec", ["-1", "-3", "0", "4", "-4:", ":3", "2:-2", "-5:-1", "1:", ":", "9:2", "-40:"])
+def test_prompt_indices_and_slices_are_python_slices(spec):
+    """``<i>`` and ``<a>:<b>`` pick the prompt positions Python's indexing of the prompt picks (an index
+    out of range: none); nothing generated."""
+    positions = np.arange(40)
+    for prompt in range(12):
+        tokens = list(range(prompt))
+        if ":" in spec:
+            a, b = (int(x) if x else None for x in spec.split(":"))
+            want = tokens[a:b]
+        else:
+            want = [tokens[int(spec)]] if -prompt <= int(spec) < prompt else []
+        assert np.flatnonzero(parse_positions(spec).mask(positions, prompt)).tolist() == want, (spec, prompt)
+
+
+def test_generation_steps():
+    """``g<a>:<b>``: generated tokens a..b-1, counted as ``generated`` counts (position = prompt + step)."""
+    positions = np.arange(30)
+    assert np.flatnonzero(parse_positions("g0:3").mask(positions, 7)).tolist() == [7, 8, 9]
+    assert np.flatnonzero(parse_positions("g2:").mask(positions, 7)).tolist() == list(range(9, 30))
+    assert np.array_equal(parse_positions("g0:").mask(positions, 5), parse_positions("generated").mask(positions, 5))
+    for bad in ("g3:3", "g-1:2", "g:4", "1:2:3", "--1", "+1"):
+        with pytest.raises(ValueError, match="invalid positions"):
+            parse_positions(bad)

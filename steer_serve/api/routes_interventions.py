@@ -85,6 +85,9 @@ async def create_intervention(request: Request):
             raise APIError(400, "task_id is only for PEFT multitask prompt tuning adapters", code="invalid_value",
                            param="task_id")
         if adapter_format(directory):
+            if body.operator is not None:
+                raise APIError(400, "operator applies to control-vector files, not to a weight-space adapter",
+                               code="unknown_operator", param="operator")
             if not state.registry.max_loras:
                 raise APIError(400, "this server serves no weight-space adapters (PEFT LoRA / GIFT); start it with "
                                "--max-loras N", code="adapters_disabled", param="source")
@@ -96,7 +99,8 @@ async def create_intervention(request: Request):
         state.registry.geometry.require_interventions()
         iv = await asyncio.to_thread(
             load_intervention, body.source, format=body.format, allowed_dirs=state.allowed_dirs,
-            positions=body.positions, act_fn=body.act_fn, scale=body.scale, allow_hub=state.allow_hub,
+            positions=body.positions, act_fn=body.act_fn, operator=body.operator, scale=body.scale,
+            allow_hub=state.allow_hub,
             **_limits(state), **_reader_hints(state))
         source, fmt = body.source, iv.source_format
     entry = await state.registry.register(body.id, iv, source=source, format=fmt, replace=body.replace)

@@ -21,7 +21,9 @@ class InterventionRef(BaseModel):
     id: str = Field(min_length=1, max_length=128, description="a registered intervention id")
     scale: float | None = Field(default=None, ge=-100, le=100, allow_inf_nan=False,
                                 description="multiplies the edit: h + scale·(f(h) − h); default: its registered scale")
-    positions: str | None = Field(default=None, max_length=32, description="f<n>, l<n>, f<n>+l<n>, prompt, generated, all")
+    positions: str | None = Field(default=None, max_length=32, description=(
+        "f<n>, l<n>, f<n>+l<n>, prompt, generated, all, <i> (prompt index, -1 = last), <a>:<b> (prompt slice), "
+        "g<a>:<b> (generated steps)"))
 
     _positions = field_validator("positions")(_check_positions)
 
@@ -48,11 +50,14 @@ class InterventionCreate(BaseModel):
     id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$",
                     description="the name requests use (`intervention`, or `model`)")
     source: str = Field(min_length=1, max_length=1024, description="directory/file in an allowed dir, or a hub id")
-    format: Literal["auto", "native", "pyreft", "pyvene"] = Field(default="auto", description="source format")
+    format: Literal["auto", "native", "pyreft", "pyvene", "gguf", "steering_vectors", "caa"] = Field(
+        default="auto", description="source format")
     positions: str | None = Field(default=None, max_length=32, description="default positions: f<n>, l<n>, "
                                                                            "f<n>+l<n>, prompt, generated, all")
     scale: float | None = Field(default=None, ge=-100, le=100, allow_inf_nan=False, description="default scale")
     act_fn: str | None = Field(default=None, max_length=32, description="pyreft act_fn (not saved by pyreft)")
+    operator: str | None = Field(default=None, max_length=32, description="control-vector files: addition "
+                                 "(default), ablation or ablation_then_addition (steering-vectors' operators)")
     replace: bool = Field(default=False, description="swap out an existing id (409 without it)")
     task_id: int | None = Field(default=None, ge=0, description="the task of a PEFT multitask prompt tuning "
                                                                   "adapter (peft's task_ids); only for those")

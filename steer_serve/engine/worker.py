@@ -27,7 +27,7 @@ def encode_slot_payload(site_edits: dict[tuple[int, str], LowRankEdit]) -> tuple
 
     tensors, meta = {}, []
     for i, ((layer, component), edit) in enumerate(sorted(site_edits.items())):
-        meta.append({"layer": layer, "component": component, "act": edit.act})
+        meta.append({"layer": layer, "component": component, "act": edit.act, "renorm": edit.renorm})
         for name in _LOWRANK_FIELDS:
             value = getattr(edit, name)
             if value is not None:
@@ -41,7 +41,7 @@ def _decode_slot_payload(blob: bytes, meta_json: str) -> dict[tuple[int, str], L
     edits = {}
     for i, site in enumerate(json.loads(meta_json)):
         fields = {name: tensors.get(f"{i}.{name}") for name in _LOWRANK_FIELDS}
-        edits[(site["layer"], site["component"])] = LowRankEdit(act=site["act"], **fields)
+        edits[(site["layer"], site["component"])] = LowRankEdit(act=site["act"], renorm=site["renorm"], **fields)
     return edits
 
 

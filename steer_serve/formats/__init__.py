@@ -12,15 +12,21 @@ from pathlib import Path
 from ..interventions import get_family
 from ..interventions.base import Intervention
 from .errors import InterventionFormatError
+from .caa import read_caa
+from .control_vectors import SUFFIXES as VECTOR_SUFFIXES, check_operator
+from .gguf_control import read_gguf_control_vector
 from .hub import download_from_hub, looks_like_hub_id, split_hub_id
 from .native import CONFIG_FILE as NATIVE_CONFIG, dtype_name, read_native
 from .peft_ia3 import SOURCE_FORMAT as PEFT_IA3, read_peft_ia3_dir
 from .pyreft import read_pyreft_dir
 from .pyvene import read_pyvene_dir
 from .sources import read_json, resolve_local_source
+from .steering_vectors_file import SavedSteeringVector, load_torch_file, read_steering_vector
 from .validation import MAX_PLACEMENTS, MAX_RANK, validate_intervention
 
-FORMATS = ("native", "pyreft", "pyvene", "gift", PEFT_IA3)
+FORMATS = ("native", "pyreft", "pyvene", "gift", PEFT_IA3, "gguf", "steering_vectors", "caa")
+#: Formats that are one control-vector file rather than a directory.
+VECTOR_FORMATS = ("gguf", "steering_vectors", "caa")
 _CONFIG_NAMES = (NATIVE_CONFIG, "config.json", "adapter_config.json")
 
 __all__ = ["FORMATS", "InterventionFormatError", "describe_intervention", "detect_format", "load_intervention",
@@ -30,15 +36,29 @@ __all__ = ["FORMATS", "InterventionFormatError", "describe_intervention", "detec
 def _directory(path: Path) -> Path:
     if path.is_file() and path.name in _CONFIG_NAMES:
         return path.parent
+    if path.is_file() and path.suffix in VECTOR_SUFFIXES:
+        return path
     if not path.is_dir():
         raise InterventionFormatError(f"{path.name!r} is not an intervention directory (or its "
-                                      f"{' / '.join(_CONFIG_NAMES)})", param="source", code="unknown_format")
+                                      f"{' / '.join(_CONFIG_NAMES)}) nor a control-vector file "
+                                      f"({' / '.join(VECTOR_SUFFIXES)})", param="source", code="unknown_format")
     return path
 
 
+def _file_format(path: Path) -> str:
+    if path.suffix == ".gguf":
+        return "gguf"
+    if path.suffix == ".safetensors":
+        return "caa"
+    return "steering_vectors" if isinstance(load_torch_file(path), SavedSteeringVector) else "caa"
+
+
 def detect_format(path: str | os.PathLike) -> str:
-    """Return ``"native"``, ``"pyreft"``, ``"pyvene"``, ``"gift"`` or ``"peft_ia3"`` for an intervention directory."""
+    """The format of an intervention directory (``"native"``, ``"pyreft"``, ``"pyvene"``, ``"gift"``,
+    ``"peft_ia3"``) or control-vector file (``"gguf"``, ``"steering_vectors"``, ``"caa"``)."""
     directory = _directory(Path(path))
+    if directory.is_file():
+        return _file_format(directory)
     if (directory / NATIVE_CONFIG).is_file():
         return "native"
     if (directory / "adapter_config.json").is_file():
@@ -95,7 +115,35 @@ def locate_source(source: str | os.PathLike, *, allowed_dirs=None, allow_hub: bo
     return _locate(source, allowed_dirs, allow_hub, hub_cache_dir)
 
 
-def _read(directory: Path, fmt: str, positions, act_fn, hidden_size, head, num_heads, widths, heads) -> Intervention:
+def _read_vectors(path: Path, fmt: str, operator) -> Intervention:
+    if not path.is_file():
+        raise InterventionFormatError(f"format {fmt!r} is one control-vector file, but {path.name!r} is a directory",
+                                      param="format", code="unknown_format")
+    if fmt == "gguf":
+        return read_gguf_control_vector(path, operator=operator)
+    if path.suffix == ".safetensors":
+        if fmt == "steering_vectors":
+            raise InterventionFormatError(f"{path.name}: a steering-vectors file is a torch.save'd .pt, not "
+                                          "safetensors", param="format", code="unknown_format")
+        return read_caa(path, operator=operator)
+    loaded = load_torch_file(path)
+    reader = read_steering_vector if fmt == "steering_vectors" else read_caa
+    return reader(path, operator=operator, loaded=loaded)
+
+
+def _read(directory: Path, fmt: str, positions, act_fn, hidden_size, head, num_heads, widths, heads,
+          operator) -> Intervention:
+    if fmt in VECTOR_FORMATS:
+        if act_fn is not None:
+            raise InterventionFormatError(f"act_fn applies to pyreft and native sources, not to a {fmt} control "
+                                          "vector", param="act_fn", code="invalid_intervention")
+        return _read_vectors(directory, fmt, operator)
+    if operator is not None:
+        raise InterventionFormatError(f"operator applies to control-vector files ({', '.join(VECTOR_FORMATS)}), "
+                                      f"not to a {fmt} source", param="operator", code="unknown_operator")
+    if directory.is_file():
+        raise InterventionFormatError(f"format {fmt!r} is a directory, but {directory.name!r} is a file",
+                                      param="format", code="unknown_format")
     if fmt == "native":
         iv = read_native(directory)
         if act_fn is not None:
@@ -122,7 +170,7 @@ def _read(directory: Path, fmt: str, positions, act_fn, hidden_size, head, num_h
 
 def load_intervention(source: str | os.PathLike, *, format: str = "auto", allowed_dirs=None, positions=None,
                       act_fn=None, scale=None, hidden_size=None, num_layers=None, head=None, num_heads=None,
-                      widths=None, heads=None,
+                      widths=None, heads=None, operator=None,
                       max_rank: int = MAX_RANK, max_placements: int = MAX_PLACEMENTS, allowed_families=None,
                       allow_hub: bool = True, hub_cache_dir=None) -> Intervention:
     """Load, override and validate an intervention from a local path or a hub id.
@@ -133,10 +181,13 @@ def load_intervention(source: str | os.PathLike, *, format: str = "auto", allowe
     ``head``/``num_heads`` place pyreft/pyvene per-head interventions, whose save dirs do not
     record the head. ``widths``/``heads`` give the base model's width and head count per component
     (``engine.architectures.component_geometry``) for components not ``hidden_size`` wide.
+    ``operator`` (control-vector files only) is steering-vectors' operator (``control_vectors``).
     """
     directory = _locate(source, allowed_dirs, allow_hub, hub_cache_dir)
     fmt = detect_format(directory) if format == "auto" else format
-    iv = _read(directory, fmt, positions, act_fn, hidden_size, head, num_heads, widths, heads)
+    if operator is not None:
+        check_operator(operator)
+    iv = _read(directory, fmt, positions, act_fn, hidden_size, head, num_heads, widths, heads, operator)
     if positions is not None:
         iv.positions = str(positions)
     if scale is not None:

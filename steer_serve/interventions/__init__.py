@@ -11,7 +11,7 @@ import pkgutil
 import torch
 
 from .base import Edit, Intervention, LowRankEdit, Placement
-from .family import Family, activation
+from .family import Family, activation, renormalise
 
 
 def _discover() -> dict[str, Family]:
@@ -45,7 +45,8 @@ def edit_config(edit: Edit) -> dict:
 
 
 def apply_edit_lowrank(h: torch.Tensor, lowrank: LowRankEdit, coef: float = 1.0) -> torch.Tensor:
-    """Reference of the generic form: ``h + coef·((act(h Wᵀ + b) − h P) Uᵀ + v − h ⊙ z)``.
+    """Reference of the generic form: ``h + coef·((act(h Wᵀ + b) − h P) Uᵀ + v − h ⊙ z)``, rescaled to
+    ``‖h‖`` row by row when ``lowrank.renorm``.
 
     Computed in float32 and cast back to ``h``'s dtype. None tensors count as zero (so with
     W and b both None the activation sees zeros).
@@ -66,7 +67,11 @@ def apply_edit_lowrank(h: torch.Tensor, lowrank: LowRankEdit, coef: float = 1.0)
         delta = delta + lowrank.v
     if lowrank.z is not None:
         delta = delta - x * lowrank.z
-    return (x + coef * delta).to(h.dtype)
+    out = x + coef * delta
+    if lowrank.renorm and coef != 0:
+        out = renormalise(out, x)
+    return out.to(h.dtype)
+
 
 
 def _apply_edit(edit: Edit, h: torch.Tensor) -> torch.Tensor:
@@ -107,4 +112,4 @@ def _scaled(h: torch.Tensor, out: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 __all__ = ["FAMILIES", "Family", "Edit", "Intervention", "LowRankEdit", "Placement", "apply_edit_lowrank",
-           "edit_config", "get_family", "reference_apply"]
+           "edit_config", "get_family", "reference_apply", "renormalise"]

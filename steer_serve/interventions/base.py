@@ -14,6 +14,9 @@ Every family has two faces:
       h'       = h + coef · delta(h)            (coef = scale, or 0 where the position is masked)
 
   W: r×d, b: r, P: d×r, U: d×r, v: d, z: d (any of them may be None = zero).
+
+  With ``renorm`` the edited row is then rescaled to the norm of the row it edited:
+  ``h' ← h' · ‖h‖ / ‖h'‖`` (norm-preserving steering; rows whose ``h'`` is zero stay as they are).
 """
 from __future__ import annotations
 
@@ -111,6 +114,7 @@ class LowRankEdit:
     v: torch.Tensor | None = None
     z: torch.Tensor | None = None
     act: str = "linear"
+    renorm: bool = False
 
     @property
     def width(self) -> int | None:

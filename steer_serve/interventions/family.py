@@ -180,6 +180,21 @@ def f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().to(torch.float32)
 
 
+def renormalise(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new`` rescaled row by row to the norm of ``old`` (rows of ``new`` that are zero unchanged)."""
+    new_norm = new.norm(dim=-1, keepdim=True)
+    scale = torch.where(new_norm > 0, old.norm(dim=-1, keepdim=True) / new_norm, torch.ones_like(new_norm))
+    return new * scale
+
+
+def unit(family: str, direction: torch.Tensor) -> torch.Tensor:
+    """``direction / ‖direction‖`` in float32 (computed in float64); ValueError if it is zero."""
+    norm = direction.double().norm()
+    if norm == 0:
+        raise ValueError(f"{family}: parameter 'direction' is zero")
+    return (direction.double() / norm).to(torch.float32)
+
+
 def interchange_dim(family: str, config: dict, width: int) -> int:
     """pyvene's ``interchange_dim``: how many leading (rotated) dimensions are swapped/added."""
     k = config.get("interchange_dim")

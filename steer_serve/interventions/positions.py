@@ -7,6 +7,13 @@ token, ``all`` every token. Window counts are clamped to half the prompt as pyre
 act during prefill only, like pyreft with
 ``intervene_on_prompt=True``: generated tokens then see the edited KV cache.
 
+Python-style prompt indices and slices (prefill only, like the windows): ``<i>`` one prompt token
+(``-1`` = the last, ``0`` = the first; out of range: none), ``<a>:<b>`` prompt tokens ``a..b-1``
+(either bound may be negative, counted from the prompt's end, or left out; clamped like a Python
+slice), e.g. ``-8:`` the last 8, ``2:-2``. Generation-step ranges: ``g<a>:<b>`` the generated tokens
+``a..b-1`` (0 = the first generated token, the one ``generated`` starts with; ``b`` may be left out:
+every later one), e.g. ``g0:16`` the first 16, ``g4:`` from the fifth on.
+
 Positions are absolute within the request (prompt token i has position i), so the mask is the
 same however the prompt is chunked, cached or recomputed.
 
@@ -22,21 +29,32 @@ from dataclasses import dataclass
 import numpy as np
 
 _WINDOW = re.compile(r"^(?:f(?P<f>\d+))?(?:\+?l(?P<l>\d+))?$")
+_INDEX = re.compile(r"^-?\d{1,9}$")
+_SLICE = re.compile(r"^(?P<a>-?\d{1,9})?:(?P<b>-?\d{1,9})?$")
+_STEPS = re.compile(r"^g(?P<a>\d{1,9}):(?P<b>\d{1,9})?$")
 
 #: Kind codes of the vectorised form; ``NO_POSITIONS`` marks a padded column (no token).
-KIND_CODES = {"window": 0, "prompt": 1, "generated": 2, "all": 3}
+KIND_CODES = {"window": 0, "prompt": 1, "generated": 2, "all": 3, "slice": 4, "steps": 5}
 NO_POSITIONS = -1
 _END = np.iinfo(np.int64).max
+#: ``Positions.first``/``last`` of a slice or steps kind when that bound is left out.
+OPEN = np.iinfo(np.int64).min
 
 
 @dataclass(frozen=True)
 class Positions:
-    kind: str  # "window" | "prompt" | "generated" | "all"
+    """``kind`` with its counts: a window's first/last n; a slice's or steps' start/stop (``OPEN``: none)."""
+
+    kind: str  # "window" | "prompt" | "generated" | "all" | "slice" | "steps"
     first: int = 0
     last: int = 0
+    text: str = ""
 
     def mask(self, positions: np.ndarray, num_prompt_tokens: int) -> np.ndarray:
         """Boolean mask over absolute token ``positions`` of one request."""
+        if self.kind in ("slice", "steps"):
+            lo, hi = _span(self.code, self.first, self.last, num_prompt_tokens)
+            return (positions >= lo) & (positions < hi)
         is_prompt = positions < num_prompt_tokens
         if self.kind == "all":
             return np.ones_like(is_prompt)
@@ -60,10 +78,30 @@ class Positions:
         return KIND_CODES[self.kind]
 
     def __str__(self) -> str:
+        if self.kind in ("slice", "steps"):
+            return self.text
         if self.kind != "window":
             return self.kind
         parts = ([f"f{self.first}"] if self.first else []) + ([f"l{self.last}"] if self.last else [])
         return "+".join(parts)
+
+
+def _bound(value, default, prompt):
+    """A Python slice bound over a prompt of ``prompt`` tokens: negative from the end, clamped to [0, prompt]."""
+    given = np.where(value == OPEN, 0, value)
+    return np.where(value == OPEN, default, np.where(given < 0, np.maximum(given + prompt, 0),
+                                                     np.minimum(given, prompt)))
+
+
+def _span(kind, first, last, prompt):
+    """``(lo, hi)`` of the slice and steps kinds (arrays broadcast)."""
+    kind, first, last = np.asarray(kind), np.asarray(first, dtype=np.int64), np.asarray(last, dtype=np.int64)
+    prompt = np.asarray(prompt, dtype=np.int64)
+    steps = kind == KIND_CODES["steps"]
+    lo = np.where(steps, prompt + np.maximum(first, 0), _bound(first, 0, prompt))
+    hi = np.where(steps, np.where(last == OPEN, _END, prompt + np.where(last == OPEN, 0, last)),
+                  _bound(last, prompt, prompt))
+    return lo, np.maximum(hi, lo)
 
 
 def position_spans(kind: np.ndarray, first: np.ndarray, last: np.ndarray,
@@ -83,6 +121,11 @@ def position_spans(kind: np.ndarray, first: np.ndarray, last: np.ndarray,
                              np.where(to_end, _END, np.where(kind == KIND_CODES["prompt"], prompt, 0)))
     spans[..., 2] = np.where(window, prompt - np.minimum(last, half), np.where(to_end, _END, spans[..., 1]))
     spans[..., 3] = np.where(window, prompt, spans[..., 2])
+    ranged = (kind == KIND_CODES["slice"]) | (kind == KIND_CODES["steps"])
+    if ranged.any():
+        lo, hi = _span(kind, np.asarray(first), np.asarray(last), prompt)
+        for i, value in enumerate((lo, hi, hi, hi)):
+            spans[..., i] = np.where(ranged, value, spans[..., i])
     return spans
 
 
@@ -110,6 +153,15 @@ def parse_positions(spec: str) -> Positions:
     text = str(spec).strip().lower()
     if text in ("all", "prompt", "generated"):
         return Positions(text)
+    if _INDEX.match(text):
+        i = int(text)
+        return Positions("slice", i, OPEN if i == -1 else i + 1, text)
+    if m := _SLICE.match(text) or _STEPS.match(text):
+        bounds = [OPEN if m.group(g) is None else int(m.group(g)) for g in ("a", "b")]
+        steps = text.startswith("g")
+        if steps and bounds[1] != OPEN and bounds[1] <= bounds[0]:
+            raise ValueError(f"invalid positions {spec!r}: generation steps g<a>:<b> need b > a")
+        return Positions("steps" if steps else "slice", *bounds, text)
     m = _WINDOW.match(text)
     if text and m and (m.group("f") or m.group("l")) and not text.startswith("+"):
         first, last = int(m.group("f") or 0), int(m.group("l") or 0)
@@ -117,4 +169,5 @@ def parse_positions(spec: str) -> Positions:
             if "+" in text and not (m.group("f") and m.group("l")):
                 raise ValueError(f"invalid positions {spec!r}")
             return Positions("window", first, last)
-    raise ValueError(f"invalid positions {spec!r}: expected f<n>, l<n>, f<n>+l<n>, prompt, generated or all")
+    raise ValueError(f"invalid positions {spec!r}: expected f<n>, l<n>, f<n>+l<n>, prompt, generated, all, a prompt "
+                     "index <i> (-1 = last), a prompt slice <a>:<b>, or generation steps g<a>:<b>")

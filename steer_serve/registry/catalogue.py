@@ -190,7 +190,7 @@ def content_hash(parts: list[Part]) -> str:
         if part.window:
             digest.update(f"window/{part.window}".encode())
         for (layer, component), edit in sorted(part.site_edits.items()):
-            digest.update(f"{layer}/{component}/{edit.act}".encode())
+            digest.update(f"{layer}/{component}/{edit.act}{'/renorm' if edit.renorm else ''}".encode())
             for name in ("W", "b", "P", "U", "v", "z"):
                 tensor = getattr(edit, name)
                 digest.update(name.encode())

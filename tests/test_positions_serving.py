@@ -1,0 +1,90 @@
+"""The prompt-index, prompt-slice and generation-step positions, served: equal under chunked prefill
+(``small_server`` steps 32 tokens) to the unchunked server, and equal to transformers with the edit
+hooked on the block's output at exactly those absolute positions."""
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from steering_helpers import complete, random_vector, register, tokens
+from steer_serve.interventions.positions import parse_positions
+
+LAYER = 10
+#: 67 prompt tokens: three chunks (32 + 32 + 3) on the small server.
+TEXT = ("The old lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a lantern and a "
+        "notebook in which he recorded the ships he saw, the colour of the sea, and the birds that nested on the "
+        "rocks below. One stormy night in November, a small boat with a torn red sail appeared near the reef, and "
+        "he realised that")
+NEW_TOKENS = 12
+SPECS = ["-1", "-40:-10", ":-60", "g0:4", "g3:", "g1:2"]
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    from transformers import AutoTokenizer
+
+    from steer_serve.model import prepare_default_model
+
+    return AutoTokenizer.from_pretrained(prepare_default_model())(TEXT)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def clients(server, small_server, intervention_dir):
+    iv = random_vector(71, LAYER, "block_output", strength=12.0)
+    with httpx.Client(base_url=server.url, timeout=300) as big, httpx.Client(base_url=small_server.url,
+                                                                              timeout=600) as small:
+        for client in (big, small):
+            register(client, intervention_dir, "positions-vector", iv)
+        yield big, small, iv.edits[0].params["vector"]
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    from transformers import AutoModelForCausalLM
+
+    from steer_serve.model import prepare_default_model
+
+    model = AutoModelForCausalLM.from_pretrained(prepare_default_model(), dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def hf_greedy(model, prompt, vector, spec: str | None) -> list[int]:
+    """Greedy tokens with ``vector`` added to block ``LAYER``'s output at the spec's absolute positions:
+    the prefill forward holds positions 0..P-1, the n-th decode forward position P+n-1."""
+    calls = []
+
+    def hook(_m, _args, out):
+        h = out[0] if isinstance(out, tuple) else out
+        start = 0 if not calls else len(prompt) + len(calls) - 1
+        calls.append(start)
+        mask = parse_positions(spec).mask(np.arange(start, start + h.shape[1]), len(prompt))
+        h = h + torch.from_numpy(mask.astype(np.float32))[None, :, None] * vector
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    handle = model.model.layers[LAYER].register_forward_hook(hook) if spec else None
+    try:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=2)
+    finally:
+        if handle:
+            handle.remove()
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def plain(hf_model, prompt):
+    return hf_greedy(hf_model, prompt, None, None)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_positions_chunked_equal_unchunked_and_transformers(clients, hf_model, prompt, plain, spec):
+    big, small, vector = clients
+    assert len(prompt) > 64
+    fields = {"interventions": [{"id": "positions-vector", "positions": spec}], "ignore_eos": True}
+    expected = hf_greedy(hf_model, prompt, vector, spec)
+    assert expected != plain, "the edit must change the greedy tokens"
+    assert tokens(complete(big, prompt, NEW_TOKENS, **fields)) == expected
+    assert tokens(complete(small, prompt, NEW_TOKENS, **fields)) == expected
