@@ -14,6 +14,16 @@ def _check_positions(value: str | None) -> str | None:
     return value
 
 
+class InterchangeSource(BaseModel):
+    """The source run of an interchange intervention: its prompt and the positions whose representation is taken."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"prompt": "Paris is in", "positions": "l1"}]})
+    prompt: str | list[int] = Field(description="the source prompt: text or token ids")
+    positions: str = Field(max_length=32, description="f<n>, l<n> or f<n>+l<n>: paired in order with the base positions")
+
+    _positions = field_validator("positions")(_check_positions)
+
+
 class InterventionRef(BaseModel):
     """One intervention a request applies, with optional per-request scale and positions."""
 
@@ -22,6 +32,20 @@ class InterventionRef(BaseModel):
     scale: float | None = Field(default=None, ge=-100, le=100, allow_inf_nan=False,
                                 description="multiplies the edit: h + scale·(f(h) − h); default: its registered scale")
     positions: str | None = Field(default=None, max_length=32, description="f<n>, l<n>, f<n>+l<n>, prompt, generated, all")
+    source: InterchangeSource | None = Field(default=None, description="an interchange intervention's source run")
+
+    _positions = field_validator("positions")(_check_positions)
+
+
+class CaptureSite(BaseModel):
+    """One site whose activations a request returns (pyvene's ``CollectIntervention``)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"layer": 15, "component": "block_output", "positions": "l1"}]})
+    layer: int = Field(ge=0, description="decoder layer (0-based)")
+    component: str = Field(max_length=64, description="a hooked component: block_output, mlp_output, ...")
+    positions: str = Field(max_length=32, description="f<n>, l<n>, f<n>+l<n>, prompt, generated, all")
+    dtype: Literal["float32", "bfloat16"] = Field(default="float32", description="dtype of the returned data")
 
     _positions = field_validator("positions")(_check_positions)
 
@@ -36,6 +60,9 @@ class SteeringFields(BaseModel):
                                              description="override the scale of every named intervention")
     intervention_positions: str | None = Field(default=None, max_length=32,
                                                description="override positions for every named intervention")
+
+    capture: list[CaptureSite] | None = Field(default=None, max_length=64,
+                                              description="return the activations at these sites in each choice")
 
     _positions = field_validator("intervention_positions")(_check_positions)
 

@@ -24,6 +24,9 @@ each item below may change without notice. What the engine relies on in vLLM 0.3
   ``model_config.hf_config`` / ``hf_text_config`` / ``get_hidden_size()`` (``model.py``), and
   ``PPMissingLayer``, what stands in for the layers of other pipeline stages
   (:func:`is_pipeline_placeholder`);
+* LoRA wrappers (``vllm.lora.layers``): with ``--enable-lora`` the linear layers are replaced after load by
+  wrappers holding the original at ``base_layer``, whose ``forward`` never calls it
+  (:func:`move_hooks_to_lora_wrappers`);
 * the CPU LoRA torch ops: ``vllm.lora.ops.torch_ops.lora_ops.bgmv_shrink`` and the copy of that
   name in ``vllm.lora.punica_wrapper.punica_cpu`` (:func:`patch_cpu_lora_ops`);
 * ``AsyncLLM.errored`` / ``dead_error`` and ``is_sleeping()`` as a round trip served between steps
@@ -124,6 +127,25 @@ def install_step_hook(runner, fill) -> None:
 
     runner._prepare_inputs = prepare_inputs_then_fill
     runner._steer_installed = True
+
+
+def move_hooks_to_lora_wrappers(model: torch.nn.Module) -> int:
+    """Move forward (pre-)hooks from a linear layer to the LoRA wrapper that replaced it (``base_layer``):
+    the wrapper computes the product itself, so hooks left on the original would never run (a q/k/v or
+    ``o_proj`` site would be silently off on an engine with LoRA enabled). Returns how many moved."""
+    moved = 0
+    for wrapper in model.modules():
+        base = getattr(wrapper, "base_layer", None)
+        if not isinstance(base, torch.nn.Module) or not (base._forward_hooks or base._forward_pre_hooks):
+            continue
+        for key, hook in list(base._forward_pre_hooks.items()):
+            wrapper.register_forward_pre_hook(hook, with_kwargs=key in base._forward_pre_hooks_with_kwargs)
+        for key, hook in list(base._forward_hooks.items()):
+            wrapper.register_forward_hook(hook, with_kwargs=key in base._forward_hooks_with_kwargs)
+        moved += len(base._forward_pre_hooks) + len(base._forward_hooks)
+        base._forward_pre_hooks.clear()
+        base._forward_hooks.clear()
+    return moved
 
 
 def _mask_no_lora_rows(bgmv_shrink):
