@@ -19,6 +19,7 @@ import uuid
 import torch
 
 from steer_serve.api.errors import APIError
+from steer_serve.api.vllm_frontend import CLIENT_EXCEPTIONS, error_of
 from steer_serve.engine.capture import CaptureRequest
 from steer_serve.engine.interchange import SourceTerm
 from steer_serve.interventions import edit_config, get_family
@@ -100,8 +101,9 @@ async def source_terms(engine, plans: list[tuple[int, Edit, object, float, str]]
         capture = CaptureRequest(uuid.uuid4().hex, ((*site, source.positions),))
         try:
             got = await engine.run_source(source.prompt, capture)
-        except (ValueError, TypeError, OverflowError) as exc:
-            raise APIError(400, f"{param}.prompt: {exc}", code="invalid_value", param=f"{param}.prompt") from None
+        except CLIENT_EXCEPTIONS as exc:   # what vLLM answers 4xx for: a prompt past the context, bad token ids
+            raise APIError(400, f"{param}.prompt: {error_of(exc)[1]}", code="invalid_value",
+                           param=f"{param}.prompt") from None
         positions, rows = got.get(0, ([], torch.zeros(0)))
         if len(positions) != wanted:
             raise APIError(400, f"{param}.prompt has {len(positions)} of the {wanted} positions {source.positions!r} "
