@@ -154,3 +154,62 @@ def test_capture_refusals(client, fields, param):
     assert response.status_code == 400, response.text
     if param is not None:
         assert response.json()["error"]["param"] == param
+
+
+POSITIVE = ["I love this movie, it is", "What a wonderful day, I feel"]
+NEGATIVE = ["I hate this movie, it is", "What a terrible day, I feel"]
+
+
+def _mean_rows(client, prompt: str, layer: int) -> torch.Tensor:
+    site = {"layer": layer, "component": "block_output", "positions": "l2"}
+    body = complete(client, prompt, 1, capture=[site])
+    return torch.from_numpy(decode(body["choices"][0]["captures"][0]).copy()).mean(0)
+
+
+@pytest.mark.parametrize("method", ["mean_difference", "pca"])
+def test_derived_vectors_equal_the_offline_computation_on_captures(client, method):
+    """``derive`` on the served model equals the same computation done here on captured activations; the
+    registered vector is what the layer's output moves by when it is applied."""
+    name = f"derived-{method}"
+    spec = {"method": method, "positive": POSITIVE, "negative": NEGATIVE, "layers": [6, 12], "positions": "l2"}
+    response = client.post("/v1/interventions", json={"id": name, "derive": spec, "positions": "all"})
+    assert response.status_code == 201, response.text
+    derived = response.json()["derived"]
+    for i, layer in enumerate(spec["layers"]):
+        pos = torch.stack([_mean_rows(client, p, layer) for p in POSITIVE])
+        neg = torch.stack([_mean_rows(client, p, layer) for p in NEGATIVE])
+        expected = pos.mean(0) - neg.mean(0)
+        if method == "pca":
+            differences = (pos - neg).double()
+            _, singular, vh = torch.linalg.svd(differences - differences.mean(0), full_matrices=False)
+            direction = vh[0].float()
+            expected = direction if direction @ expected >= 0 else -direction
+            assert abs(derived[i]["explained_variance"] - float(singular[0] ** 2 / (singular ** 2).sum())) < 1e-5
+        assert derived[i]["layer"] == layer
+        assert abs(derived[i]["norm"] - float(expected.norm())) <= 1e-5 * float(expected.norm())
+        if i == 0:   # the first layer's output moves by exactly its vector (nothing upstream changed)
+            steered = _mean_rows_with(client, POSITIVE[0], layer, name)
+            moved = steered - _mean_rows(client, POSITIVE[0], layer)
+            assert (moved - expected).abs().max() <= 1e-4 * max(1.0, float(expected.abs().max()))
+
+
+def _mean_rows_with(client, prompt: str, layer: int, intervention: str) -> torch.Tensor:
+    site = {"layer": layer, "component": "block_output", "positions": "l2"}
+    body = complete(client, prompt, 1, capture=[site], intervention=intervention)
+    return torch.from_numpy(decode(body["choices"][0]["captures"][0]).copy()).mean(0)
+
+
+@pytest.mark.parametrize("derive,param", [
+    ({"negative": NEGATIVE[:1]}, "derive.negative"),
+    ({"positive": []}, None),
+    ({"layers": [30]}, "derive.layers"),
+    ({"component": "head_query_output"}, "derive.component"),
+    ({"method": "pca", "positive": POSITIVE[:1], "negative": NEGATIVE[:1]}, "derive.positive"),
+])
+def test_derive_refusals_register_nothing(client, derive, param):
+    spec = {"method": "mean_difference", "positive": POSITIVE, "negative": NEGATIVE, "layers": [6], **derive}
+    response = client.post("/v1/interventions", json={"id": "derived-bad", "derive": spec})
+    assert response.status_code == 400, response.text
+    if param is not None:
+        assert response.json()["error"]["param"] == param
+    assert client.get("/v1/interventions/derived-bad").status_code == 404

@@ -67,6 +67,22 @@ class SteeringFields(BaseModel):
     _positions = field_validator("intervention_positions")(_check_positions)
 
 
+class DeriveSpec(BaseModel):
+    """Steering vectors from contrastive prompts, computed on the served model."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"method": "mean_difference", "positive": ["I love this"], "negative": ["I hate this"], "layers": [10],
+         "component": "block_output", "positions": "l1"}]})
+    method: Literal["mean_difference", "pca"] = Field(description="CAA's mean difference, or repeng's PCA of pair differences")
+    positive: list[str | list[int]] = Field(min_length=1, max_length=256, description="prompts (text or token ids)")
+    negative: list[str | list[int]] = Field(min_length=1, max_length=256, description="as many prompts, paired in order")
+    layers: list[int] = Field(min_length=1, max_length=64, description="decoder layers to derive a vector at")
+    component: str = Field(default="block_output", max_length=64, description="a hooked component")
+    positions: str = Field(default="l1", max_length=32, description="positions averaged per prompt")
+
+    _positions = field_validator("positions")(_check_positions)
+
+
 class InterventionCreate(BaseModel):
     """Register an intervention from a local path (inside an allowed dir) or a hub id."""
 
@@ -74,7 +90,9 @@ class InterventionCreate(BaseModel):
         {"id": "my-loreft", "source": "loreft-l15", "format": "auto", "positions": "l1", "scale": 1.0}]})
     id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$",
                     description="the name requests use (`intervention`, or `model`)")
-    source: str = Field(min_length=1, max_length=1024, description="directory/file in an allowed dir, or a hub id")
+    source: str | None = Field(default=None, min_length=1, max_length=1024,
+                               description="directory/file in an allowed dir, or a hub id")
+    derive: DeriveSpec | None = Field(default=None, description="instead of a source: derive steering vectors")
     format: Literal["auto", "native", "pyreft", "pyvene"] = Field(default="auto", description="source format")
     positions: str | None = Field(default=None, max_length=32, description="default positions: f<n>, l<n>, "
                                                                            "f<n>+l<n>, prompt, generated, all")
