@@ -30,7 +30,9 @@ _ITEMSIZE = {"float32": 4, "bfloat16": 2}
 
 def _max_rows(positions: str, max_model_len: int) -> int:
     spec = parse_positions(positions)
-    return spec.first + spec.last if spec.kind == "window" else max_model_len
+    if spec.kind != "window":
+        return max_model_len
+    return min(spec.first, max_model_len // 2) + min(spec.last, max_model_len // 2)   # windows take half the prompt
 
 
 def plan_capture(body, kind: str, state) -> tuple[CaptureRequest, list[str]] | None:
