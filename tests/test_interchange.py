@@ -126,3 +126,47 @@ def test_capture_equals_pyvene_collect(tiny):
         got = torch.from_numpy(decode(body["choices"][0]["captures"][0]).copy())
         assert got.shape == collected[str(i)].shape
         assert (got - collected[str(i)]).abs().max() <= 1e-5 * collected[str(i)].abs().max(), case
+
+
+def test_interchange_on_the_default_model_under_chunked_prefill(small_server, intervention_dir):
+    """A low-rank rotated-space DAS at layer 10 of the default model, ``l2`` ↔ ``l2``, a 70-token base and a
+    40-token source prefilled in 32-token chunks: the tokens of transformers with pyvene's interchange math
+    hooked at ``model.layers.10`` on the prompt forward, given the source run's own layer-10 rows."""
+    from transformers import AutoModelForCausalLM
+
+    from steer_serve.formats.native import save_native
+    from steer_serve.interventions import get_family
+    from steer_serve.interventions.base import Edit, Intervention, Placement
+    from steer_serve.model import prepare_default_model
+    from test_capture import LONG, hf_activations
+
+    gen = torch.Generator().manual_seed(5)
+    rotate = torch.linalg.qr(torch.randn(576, 8, generator=gen))[0].contiguous()   # the small server's max rank
+    params = {"rotate_layer": rotate, "source": torch.zeros(576)}
+    edit = Edit("low_rank_rotated_space", Placement(10, "block_output"), params, {"source": "request"})
+    save_native(Intervention([edit], 576, positions="l2"), intervention_dir / "das-default")
+    base, source = LONG, LONG[5:45]
+    with httpx.Client(base_url=small_server.url, timeout=300) as client:
+        response = client.post("/v1/interventions", json={"id": "das-default", "source": str(intervention_dir / "das-default")})
+        assert response.status_code in (201, 409), response.text
+        ref = {"id": "das-default", "positions": "l2", "source": {"prompt": source, "positions": "l2"}}
+        got = tokens(complete(client, base, 12, ignore_eos=True, interventions=[ref]))
+        plain = tokens(complete(client, base, 12, ignore_eos=True))
+    rows = hf_activations(source, [("model.layers.10", "output")])[0][-2:]
+    family = get_family("low_rank_rotated_space")
+    model = AutoModelForCausalLM.from_pretrained(prepare_default_model(), dtype=torch.float32).eval()
+
+    def interchange(module, args, out):
+        h = out[0] if isinstance(out, tuple) else out
+        if h.shape[1] != len(base):
+            return out
+        h = h.clone()
+        for i, position in enumerate((len(base) - 2, len(base) - 1)):
+            h[0, position] = family.apply(h[0, position:position + 1], {**params, "source": rows[i]}, {})[0]
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    model.model.layers[10].register_forward_hook(interchange)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([base]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=2)
+    assert got == out[0, len(base):].tolist()
+    assert got != plain
