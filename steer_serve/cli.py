@@ -59,6 +59,10 @@ def _add_serve(sub) -> None:
     p.add_argument("--admin-api-key", default=os.environ.get("STEER_SERVE_ADMIN_API_KEY"),
                    help="bearer key for intervention management (env STEER_SERVE_ADMIN_API_KEY)")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
+    p.add_argument("--max-capture-sites", type=int, default=8, help="sites one request may `capture`; beyond: 400")
+    p.add_argument("--max-capture-bytes", type=int, default=64 * 1024 * 1024,
+                   help="bytes of captured activations one response may carry (counted at the most positions a "
+                        "site can match); beyond: 400")
     p.add_argument("--max-concurrent-requests", type=int, default=256, help="beyond this: 429 with Retry-After")
     p.add_argument("--max-concurrent-sequences", type=int, default=None,
                    help="sequences (prompts x n) in flight; beyond this: 429 (default: 2 x --max-num-seqs)")
@@ -126,6 +130,7 @@ def _serve(args, vllm_flags: list[str]) -> None:
         shared_registry=args.shared_registry, registry_store=args.registry_store,
         registry_poll_interval=args.registry_poll_interval,
         max_tokens_limit=args.max_tokens_limit,
+        max_capture_sites=args.max_capture_sites, max_capture_bytes=args.max_capture_bytes,
         max_concurrent_requests=args.max_concurrent_requests,
         max_concurrent_sequences=args.max_concurrent_sequences or 2 * args.max_num_seqs,
         max_sequences_per_request=args.max_sequences_per_request or max(1, args.max_num_seqs // 2),

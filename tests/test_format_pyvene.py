@@ -84,11 +84,10 @@ def test_source_representation_can_be_supplied(tmp_path):
     sd = torch.load(path, weights_only=True)
     source = sd.pop("source_representation")
     torch.save(sd, path)
-    with pytest.raises(InterventionFormatError, match="source=") as exc:
-        read_pyvene_dir(d)
-    assert exc.value.code == "missing_source_representation"
+    interchange = read_pyvene_dir(d).edits[0]   # no source stored: each request gives one
+    assert interchange.config == {"source": "request"} and not interchange.params["source"].any()
     edit = read_pyvene_dir(d, source=source.unsqueeze(0)).edits[0]
-    assert torch.equal(edit.params["source"], source)
+    assert torch.equal(edit.params["source"], source) and "source" not in edit.config
 
 
 def test_unservable_component(tmp_path):

@@ -71,6 +71,8 @@ class AppState:
     api_key: str | None = None
     admin_api_key: str | None = None
     max_tokens_limit: int = 4096
+    max_capture_sites: int = 8
+    max_capture_bytes: int = 64 * 1024 * 1024
     max_concurrent_requests: int = 256
     max_concurrent_sequences: int = 256
     max_sequences_per_request: int = 64

@@ -10,6 +10,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
+from steer_serve.api import derive
 from steer_serve.api import openapi_docs as docs
 from steer_serve.api.auth import require_admin_key, require_api_key
 from steer_serve.api.errors import APIError
@@ -77,6 +78,10 @@ async def create_intervention(request: Request):
             body = InterventionCreate.model_validate(json.loads(await request.body() or b"null"))
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise APIError(400, f"request body is not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
+        if (body.source is None) == (body.derive is None):
+            raise APIError(400, "give exactly one of `source` and `derive`", code="invalid_value", param="source")
+        if body.derive is not None:
+            return await _derived(body, state)
         directory = await asyncio.to_thread(locate_source, body.source, allowed_dirs=state.allowed_dirs,
                                             allow_hub=state.allow_hub)
         if prompt_format(directory):
@@ -121,6 +126,18 @@ async def _register_prompt(state, body: InterventionCreate, directory: Path) -> 
                                      task_id=body.task_id)
     entry = await state.registry.register_prompt(body.id, prompt, source=body.source, replace=body.replace)
     return JSONResponse(describe_entry(state, entry), status_code=201)
+
+
+async def _derived(body, state) -> JSONResponse:
+    """Register the steering vectors ``body.derive`` asks for (``api/derive.py``), with their numbers."""
+    geometry = state.registry.geometry
+    geometry.require_interventions()
+    derive.check(body.derive, geometry)
+    iv, numbers = await derive.derive(state.engine, body.derive, geometry.hidden_size,
+                                      geometry.widths[body.derive.component], body.positions, body.scale)
+    entry = await state.registry.register(body.id, iv, source=f"derive:{body.derive.method}", format="derived",
+                                          replace=body.replace)
+    return JSONResponse({**describe_entry(state, entry), "derived": numbers}, status_code=201)
 
 
 async def _from_upload(request: Request, state):

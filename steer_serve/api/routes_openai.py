@@ -10,14 +10,21 @@ LoRA ``model``. The pins are given back when the response ends, however it ends.
 """
 from __future__ import annotations
 
+import contextlib
+import uuid
+
 import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
 from steer_serve.api import openapi_docs as docs
+from steer_serve.api.capture import capture_salt, fetch_captures, plan_capture, with_captures
+from steer_serve.api.interchange import check_site_order, interchange_edit, source_terms
 from steer_serve.api import vllm_frontend as vllm
 from steer_serve.api.auth import require_api_key
 from steer_serve.api.errors import APIError
+from steer_serve.engine.capture import CaptureRequest
+from steer_serve.engine import interchange
 from steer_serve.engine.config import RequestSteering
 from steer_serve.registry import Lease, RegistryError
 
@@ -69,6 +76,28 @@ async def resolve_interventions(body, state) -> list[tuple[str, float | None, st
         requested = [(i, s if s is not None else body.intervention_scale, p or body.intervention_positions)
                      for i, s, p in requested]
     return requested
+
+
+async def interchange_plans(body, state, requested) -> list[tuple]:
+    """For each requested intervention given a ``source``: (its index in ``interventions``, its edit, the source,
+    scale, base positions); 400s for a source on what is no interchange, a missing one, or a later edit at its site."""
+    refs = body.interventions or []
+    offset = len(requested) - len(refs)
+    columns, plans = [], []
+    for j, (ident, scale, positions) in enumerate(requested):
+        entry = await state.registry.resolve(ident)
+        index = j - offset
+        source = refs[index].source if index >= 0 else None
+        edit = interchange_edit(entry, index, source is not None)
+        columns.append((entry, edit))
+        if edit is not None:
+            plans.append((index, edit, source, entry.scale if scale is None else float(scale),
+                          entry.positions if positions is None else positions))
+    check_site_order(columns)
+    if plans and getattr(body, "use_beam_search", False):
+        raise APIError(400, "an interchange source is not served with beam search", code="unsupported_value",
+                       param="interventions")
+    return plans
 
 
 def _requested_max_tokens(body, kind: str) -> tuple[str, int | None]:
@@ -123,11 +152,18 @@ def _prepend_virtual_tokens(body, lease: Lease, kind: str, state) -> None:
     state.prompt_embedder.apply(body, lease.prompt)
 
 
-def _hand_over(body, lease: Lease | None, request: Request, kind: str) -> None:
-    """Put the lease where vLLM carries per-request data: extra args, cache salt, LoRA model name,
-    and a prompt-space adapter's virtual tokens in front of the prompt's embeddings."""
+def _hand_over(body, lease: Lease | None, request: Request, kind: str, capture: CaptureRequest | None = None,
+               terms: list | None = None) -> None:
+    """Put the lease, the capture and the interchange source rows where vLLM carries per-request data: extra args,
+    cache salt (one of the request's own with a capture or a source), LoRA model name, and a prompt-space
+    adapter's virtual tokens in front of the prompt's embeddings."""
     state = request.app.state.steer
     body.model = state.served_model_name
+    if capture is not None or terms:
+        extra = {**(capture.to_extra_args() if capture else {}), **(interchange.to_extra_args(terms) if terms else {})}
+        body.vllm_xargs = {**(body.vllm_xargs or {}), **extra}
+        salt = capture_salt(capture) if capture else f"interchange-{uuid.uuid4().hex}"
+        body.cache_salt = f"{salt}:{body.cache_salt}" if body.cache_salt else salt
     if lease is None:
         return
     if lease.steering.slots:
@@ -149,17 +185,26 @@ async def _steered(request: Request, body, kind: str) -> Response:
     state = request.app.state.steer
     if failure := state.engine_failure():
         raise APIError(503, f"{failure}; the server is shutting down", code="engine_dead")
-    if RequestSteering.EXTRA_ARGS_KEY in (getattr(body, "vllm_xargs", None) or {}):
-        raise APIError(400, f"vllm_xargs.{RequestSteering.EXTRA_ARGS_KEY} is reserved: name interventions with "
-                       + _FIELDS, code="invalid_value", param="vllm_xargs")
+    for key in (RequestSteering.EXTRA_ARGS_KEY, CaptureRequest.EXTRA_ARGS_KEY, interchange.EXTRA_ARGS_KEY):
+        if key in (getattr(body, "vllm_xargs", None) or {}):
+            raise APIError(400, f"vllm_xargs.{key} is reserved: name interventions with " + _FIELDS + " and captures "
+                           "with `capture`", code="invalid_value", param="vllm_xargs")
     requested = await resolve_interventions(body, state)
+    capture = plan_capture(body, kind, state)
+    plans = await interchange_plans(body, state, requested)
     _apply_token_limit(body, kind, state.max_tokens_limit)
     labels = [i for i, _, _ in requested] or ["none"]
     request.state.user = getattr(body, "user", None)
     request.state.interventions, request.state.stream = ",".join(labels), bool(body.stream)
     sequences, param = sequences_of(body, kind)
     state.limiter.enter(sequences, param)  # 400 past the per-request cap, 429 when the server is full
-    lease = None
+    lease, captured = None, None
+
+    async def fetch() -> list[dict]:
+        nonlocal captured
+        if captured is None:
+            captured = await fetch_captures(state.engine, capture[0], capture[1], state.registry.geometry.widths)
+        return captured
 
     async def finish() -> None:
         nonlocal lease
@@ -167,12 +212,18 @@ async def _steered(request: Request, body, kind: str) -> Response:
             await state.registry.release(lease)
             lease = None
         state.limiter.leave(sequences)
+        if capture is not None and captured is None and not state.engine_failure():
+            with contextlib.suppress(Exception):  # drop what a failed or departed request recorded
+                await state.engine.take_capture(capture[0].key)
 
     try:
+        terms = await source_terms(state.engine, plans) if plans else None
         lease = await state.registry.acquire(requested) if requested else None
-        _hand_over(body, lease, request, kind)
+        _hand_over(body, lease, request, kind, capture[0] if capture else None, terms)
         state.metrics.request_started(labels)
         response = await state.handlers[kind](body, request)
+        if capture is not None:
+            response = await with_captures(response, fetch)
     except BaseException:
         await finish()
         raise

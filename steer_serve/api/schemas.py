@@ -14,6 +14,16 @@ def _check_positions(value: str | None) -> str | None:
     return value
 
 
+class InterchangeSource(BaseModel):
+    """The source run of an interchange intervention: its prompt and the positions whose representation is taken."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"prompt": "Paris is in", "positions": "l1"}]})
+    prompt: str | list[int] = Field(description="the source prompt: text or token ids")
+    positions: str = Field(max_length=32, description="f<n>, l<n> or f<n>+l<n>: paired in order with the base positions")
+
+    _positions = field_validator("positions")(_check_positions)
+
+
 class InterventionRef(BaseModel):
     """One intervention a request applies, with optional per-request scale and positions."""
 
@@ -24,6 +34,20 @@ class InterventionRef(BaseModel):
     positions: str | None = Field(default=None, max_length=32, description=(
         "f<n>, l<n>, f<n>+l<n>, prompt, generated, all, <i> (prompt index, -1 = last), <a>:<b> (prompt slice), "
         "g<a>:<b> (generated steps)"))
+    source: InterchangeSource | None = Field(default=None, description="an interchange intervention's source run")
+
+    _positions = field_validator("positions")(_check_positions)
+
+
+class CaptureSite(BaseModel):
+    """One site whose activations a request returns (pyvene's ``CollectIntervention``)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"layer": 15, "component": "block_output", "positions": "l1"}]})
+    layer: int = Field(ge=0, description="decoder layer (0-based)")
+    component: str = Field(max_length=64, description="a hooked component: block_output, mlp_output, ...")
+    positions: str = Field(max_length=32, description="f<n>, l<n>, f<n>+l<n>, prompt, generated, all")
+    dtype: Literal["float32", "bfloat16"] = Field(default="float32", description="dtype of the returned data")
 
     _positions = field_validator("positions")(_check_positions)
 
@@ -39,7 +63,26 @@ class SteeringFields(BaseModel):
     intervention_positions: str | None = Field(default=None, max_length=32,
                                                description="override positions for every named intervention")
 
+    capture: list[CaptureSite] | None = Field(default=None, max_length=64,
+                                              description="return the activations at these sites in each choice")
+
     _positions = field_validator("intervention_positions")(_check_positions)
+
+
+class DeriveSpec(BaseModel):
+    """Steering vectors from contrastive prompts, computed on the served model."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"method": "mean_difference", "positive": ["I love this"], "negative": ["I hate this"], "layers": [10],
+         "component": "block_output", "positions": "l1"}]})
+    method: Literal["mean_difference", "pca"] = Field(description="CAA's mean difference, or repeng's PCA of pair differences")
+    positive: list[str | list[int]] = Field(min_length=1, max_length=256, description="prompts (text or token ids)")
+    negative: list[str | list[int]] = Field(min_length=1, max_length=256, description="as many prompts, paired in order")
+    layers: list[int] = Field(min_length=1, max_length=64, description="decoder layers to derive a vector at")
+    component: str = Field(default="block_output", max_length=64, description="a hooked component")
+    positions: str = Field(default="l1", max_length=32, description="positions averaged per prompt")
+
+    _positions = field_validator("positions")(_check_positions)
 
 
 class InterventionCreate(BaseModel):
@@ -49,7 +92,9 @@ class InterventionCreate(BaseModel):
         {"id": "my-loreft", "source": "loreft-l15", "format": "auto", "positions": "l1", "scale": 1.0}]})
     id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$",
                     description="the name requests use (`intervention`, or `model`)")
-    source: str = Field(min_length=1, max_length=1024, description="directory/file in an allowed dir, or a hub id")
+    source: str | None = Field(default=None, min_length=1, max_length=1024,
+                               description="directory/file in an allowed dir, or a hub id")
+    derive: DeriveSpec | None = Field(default=None, description="instead of a source: derive steering vectors")
     format: Literal["auto", "native", "pyreft", "pyvene", "gguf", "steering_vectors", "caa"] = Field(
         default="auto", description="source format")
     positions: str | None = Field(default=None, max_length=32, description="default positions: f<n>, l<n>, "

@@ -36,6 +36,8 @@ class ServerSettings:
     registry_store: str | None = None       # a networked store shared by replicas (registry/redis_store.py)
     registry_poll_interval: float = 1.0    # how often a shared registry is checked for others' changes
     max_tokens_limit: int = 4096
+    max_capture_sites: int = 8
+    max_capture_bytes: int = 64 * 1024 * 1024
     max_concurrent_requests: int = 256
     max_concurrent_sequences: int = 256
     max_sequences_per_request: int = 64
@@ -80,7 +82,8 @@ async def build_state(engine: SteerEngine, settings: ServerSettings) -> AppState
         model_path=model_path, max_model_len=model_config.max_model_len,
         allowed_dirs=settings.allowed_dirs,
         allow_hub=settings.allow_hub, api_key=settings.api_key, admin_api_key=settings.admin_api_key,
-        max_tokens_limit=settings.max_tokens_limit, max_concurrent_requests=settings.max_concurrent_requests,
+        max_tokens_limit=settings.max_tokens_limit, max_capture_sites=settings.max_capture_sites,
+        max_capture_bytes=settings.max_capture_bytes, max_concurrent_requests=settings.max_concurrent_requests,
         max_concurrent_sequences=settings.max_concurrent_sequences,
         max_sequences_per_request=settings.max_sequences_per_request,
         max_header_bytes=settings.max_header_bytes, max_body_bytes=settings.max_body_bytes,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from steer_serve.engine.architectures import steer_class_name, steerable_architecture
+from steer_serve.engine.capture import CaptureRequest
 from steer_serve.engine.config import SteerConfig
 from steer_serve.engine.worker import encode_slot_payload
 from steer_serve.interventions.base import LowRankEdit
@@ -111,6 +112,33 @@ class SteerEngine:
         """Copy an intervention's per-site low-rank edits into ``slot`` (in place, between steps)."""
         blob, meta = encode_slot_payload(site_edits)
         await self.llm.collective_rpc("steer_write_slot", args=(slot, blob, meta))
+
+    async def take_capture(self, key: str) -> dict[int, tuple[list[int], "torch.Tensor"]]:
+        """What the request with capture ``key`` recorded: site number -> (positions, float32 rows), from
+        every worker (pipeline stages hold their own layers; tensor-parallel ranks record the same rows)."""
+        from safetensors.torch import load
+
+        sites = {}
+        for blob, meta_json in await self.llm.collective_rpc("steer_take_capture", args=(key,)):
+            tensors = load(blob) if blob else {}
+            for site in json.loads(meta_json):
+                sites.setdefault(site["site"], (site["positions"], tensors[str(site["site"])]))
+        return sites
+
+    async def run_source(self, prompt: str | list[int], capture: "CaptureRequest") -> dict:
+        """Prefill ``prompt`` (one greedy token) with ``capture``, on a cache salt of its own (nothing skipped by
+        the prefix cache), and return what it captured (:meth:`take_capture`)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, extra_args=capture.to_extra_args())
+        engine_prompt = {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}
+        engine_prompt["cache_salt"] = f"capture-{capture.key}"
+        try:
+            async for _ in self.llm.generate(engine_prompt, params, request_id=f"steer-source-{capture.key}"):
+                pass
+        finally:
+            sites = await self.take_capture(capture.key)
+        return sites
 
     async def clear_slot(self, slot: int) -> None:
         await self.llm.collective_rpc("steer_clear_slot", args=(slot,))

@@ -24,7 +24,9 @@ from torch import nn
 
 from steer_serve.engine.architectures import (ARCHITECTURES, STEER_PREFIX, ArchitectureTable, component_geometry,
                                               steer_class_name)
+from steer_serve.engine.capture import CaptureState
 from steer_serve.engine.config import SteerConfig
+from steer_serve.engine.interchange import InterchangeState
 from steer_serve.engine.step_state import StepState
 from steer_serve.engine.vllm_internals import (building_as, gather_tensor_parallel_columns, is_pipeline_placeholder,
                                               stock_model_class, tensor_parallel_rank)
@@ -34,11 +36,13 @@ from steer_serve.kernels import SlotTables, apply_interventions, register_slot_t
 class LayerSteering:
     """The slot tables of one decoder layer and the step state its hooks read."""
 
-    def __init__(self, layer: nn.Module, layer_idx: int, step_state: StepState, widths: dict[str, int],
-                 components: tuple[str, ...]):
+    def __init__(self, layer: nn.Module, layer_idx: int, step_state: StepState, capture_state: CaptureState,
+                 interchange_state: InterchangeState, widths: dict[str, int], components: tuple[str, ...]):
         self.layer = layer
         self.layer_idx = layer_idx
         self.step_state = step_state
+        self.capture_state = capture_state
+        self.interchange_state = interchange_state
         config = step_state.config
         self.components = components
         self.widths = widths
@@ -60,6 +64,17 @@ class LayerSteering:
         """Whether an intervention of this step touches ``component`` of this layer."""
         return self.step_state.is_active(self.layer_idx, component)
 
+    def capturing(self, component: str) -> bool:
+        """Whether a request of this step records ``component`` of this layer."""
+        return self.capture_state.any_this_step and self.capture_state.wants((self.layer_idx, component))
+
+    def capture(self, component: str, x: torch.Tensor) -> None:
+        """Record this step's wanted rows of ``x`` (the site's tensor after its edits; TP shards gathered)."""
+        tokens = x.reshape(-1, x.shape[-1])
+        if tokens.shape[-1] != self.widths[component]:
+            tokens = gather_tensor_parallel_columns(tokens, self.widths[component])
+        self.capture_state.record((self.layer_idx, component), tokens)
+
     def steer(self, component: str, x: torch.Tensor) -> torch.Tensor:
         """Apply this step's interventions at ``component`` to ``x`` (one kernel call, all columns).
 
@@ -73,6 +88,7 @@ class LayerSteering:
         if shard != width:
             tokens = gather_tensor_parallel_columns(tokens, width)
         edited = apply_interventions(tokens, plan.slots, plan.coef, self.slot_tables(component), plan=plan)
+        edited = self.interchange_state.add((self.layer_idx, component), edited)   # per-request source rows
         if shard != width:
             rank = tensor_parallel_rank()
             edited = edited[:, rank * shard:(rank + 1) * shard]
@@ -87,9 +103,11 @@ def _edit_output(steering: LayerSteering, component: str, output):
 
 def _output_hook(steering: LayerSteering, component: str):
     def hook(module, args, output):
-        if not steering.hooked(component):
-            return output
-        return _edit_output(steering, component, output)
+        if steering.hooked(component):
+            output = _edit_output(steering, component, output)
+        if steering.capturing(component):
+            steering.capture(component, output[0] if isinstance(output, tuple) else output)
+        return output
     return hook
 
 
@@ -110,33 +128,53 @@ def _replace_argument(args: tuple, kwargs: dict, where, value):
 
 def _input_hook(steering: LayerSteering, component: str):
     def hook(module, args, kwargs):
-        if not steering.hooked(component):
+        edit, capture = steering.hooked(component), steering.capturing(component)
+        if not (edit or capture):
             return None
         where = _hidden_argument(args, kwargs)
         hidden = kwargs[where[1]] if where[0] == "kw" else args[where[1]]
-        return _replace_argument(args, kwargs, where, steering.steer(component, hidden))
+        if edit:
+            hidden = steering.steer(component, hidden)
+        if capture:
+            steering.capture(component, hidden)
+        return _replace_argument(args, kwargs, where, hidden) if edit else None
     return hook
 
 
 def _fused_block_input_hook(steering: LayerSteering):
     """``layer(positions, hidden, residual)``: edit the stream ``hidden + residual``, pass a zero residual."""
     def hook(module, args, kwargs):
-        if not steering.hooked("block_input"):
+        edit, capture = steering.hooked("block_input"), steering.capturing("block_input")
+        if not (edit or capture):
             return None
         positions, hidden, residual = args[:3]
         stream = hidden if residual is None else hidden + residual
+        if edit:
+            stream = steering.steer("block_input", stream)
+        if capture:
+            steering.capture("block_input", stream)
+        if not edit:
+            return None
         residual = None if residual is None else torch.zeros_like(residual)
-        return (positions, steering.steer("block_input", stream), residual, *args[3:]), kwargs
+        return (positions, stream, residual, *args[3:]), kwargs
     return hook
 
 
 def _fused_block_output_hook(steering: LayerSteering):
     def hook(module, args, output):
-        if not steering.hooked("block_output"):
+        edit, capture = steering.hooked("block_output"), steering.capturing("block_output")
+        if not (edit or capture):
             return output
         hidden, residual = output
+        stream = hidden + residual
+        if edit:
+            stream = steering.steer("block_output", stream)
+        if capture:
+            steering.capture("block_output", stream)
+        if not edit:
+            return output
         # the edited sum becomes the hidden state; a zero residual keeps the next fused add exact
-        return steering.steer("block_output", hidden + residual), torch.zeros_like(residual)
+        return stream, torch.zeros_like(residual)
     return hook
 
 
@@ -151,10 +189,14 @@ def _qkv_hook(steering: LayerSteering, component: str, bounds: tuple[int, int]):
     start, stop = bounds
 
     def hook(module, args, output):
-        if not steering.hooked(component):
+        edit, capture = steering.hooked(component), steering.capturing(component)
+        if not (edit or capture):
             return output
         qkv = output[0] if isinstance(output, tuple) else output
-        qkv[..., start:stop] = steering.steer(component, qkv[..., start:stop])
+        if edit:
+            qkv[..., start:stop] = steering.steer(component, qkv[..., start:stop])
+        if capture:
+            steering.capture(component, qkv[..., start:stop])
         return output
     return hook
 
@@ -162,11 +204,16 @@ def _qkv_hook(steering: LayerSteering, component: str, bounds: tuple[int, int]):
 def _gated_activation_hook(steering: LayerSteering, component: str):
     """``act_and_mul([gate, up]) = act(gate) * up``: edit ``act(gate)``, then multiply by ``up``."""
     def hook(module, args, output):
-        if not steering.hooked(component):
+        edit, capture = steering.hooked(component), steering.capturing(component)
+        if not (edit or capture):
             return output
         gate, up = args[0].chunk(2, dim=-1)
         activated = module.forward(torch.cat([gate, torch.ones_like(up)], dim=-1))  # act(gate) * 1, no hooks
-        return steering.steer(component, activated) * up
+        if edit:
+            activated = steering.steer(component, activated)
+        if capture:
+            steering.capture(component, activated)
+        return activated * up if edit else output
     return hook
 
 
@@ -212,6 +259,8 @@ def _install_steering(model: nn.Module, vllm_config, table: ArchitectureTable) -
     model.register_buffer("steer_coef", torch.zeros(config.max_columns, max_tokens, dtype=torch.float32),
                           persistent=False)
     model.steer_step_state = StepState(config, model.steer_slots, model.steer_coef)
+    model.steer_capture = CaptureState()
+    model.steer_interchange = InterchangeState()
     widths, heads = component_geometry(vllm_config.model_config.hf_text_config.to_dict())
     layers = model.get_submodule(table.layers)
     model.steer_layers = []
@@ -219,7 +268,8 @@ def _install_steering(model: nn.Module, vllm_config, table: ArchitectureTable) -
     own = [(i, layer) for i, layer in enumerate(layers) if not is_pipeline_placeholder(layer)]
     _unshare_site_modules([layer for _, layer in own], table)
     for index, layer in own:
-        steering = LayerSteering(layer, index, model.steer_step_state, widths, components)
+        steering = LayerSteering(layer, index, model.steer_step_state, model.steer_capture, model.steer_interchange,
+                                 widths, components)
         _install_layer_hooks(layer, steering, table)
         model.steer_layers.append(steering)
     model.steer_geometry = {"num_slots": config.num_slots, "max_rank": config.max_rank,

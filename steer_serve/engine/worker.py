@@ -1,8 +1,11 @@
 """Worker extension (``worker_extension_cls``): runs inside the process that holds the model.
 
-``steer_install`` hooks this worker's model runner (``vllm_internals.install_step_hook``), so the
+``steer_install`` hooks this worker's model runner (``vllm_internals.install_step_hook``; hooks at linear
+layers that LoRA wrapped are moved onto the wrappers), so the
 per-step slot buffers are filled once per step from the scheduled batch; warm-up and profiling
 runs never call it and see zeroed buffers.
+``steer_take_capture`` hands over (and forgets) the activations a finished request captured
+(``engine/capture.py``).
 ``steer_write_slot`` / ``steer_clear_slot`` copy an intervention's tables into a slot in place,
 between engine steps (collective RPCs run between steps), without recompiling anything.
 """
@@ -62,9 +65,19 @@ class SteerWorkerExtension:
         carry_hooks_to_lora_wrappers(model)
         if getattr(self.model_runner, "enable_prompt_embeds", False):
             embed_token_subsets_without_lora(model)
-        install_step_hook(self.model_runner, model.steer_step_state.prepare)
+        per_step = (model.steer_step_state, model.steer_capture, model.steer_interchange)
+
+        def fill(*args, **kwargs):
+            for state in per_step:
+                state.prepare(*args, **kwargs)
+
+        install_step_hook(self.model_runner, fill)
         allocate_pipeline_buffers(self.model_runner)
         return model.steer_geometry
+
+    def steer_take_capture(self, key: str) -> tuple[bytes, str]:
+        """The captures of the request whose capture key is ``key`` (safetensors bytes, JSON sites), forgotten here."""
+        return self._steer_model().steer_capture.take(key)
 
     def steer_write_slot(self, slot: int, blob: bytes, meta_json: str) -> None:
         """Write one intervention into ``slot`` of every layer (sites it doesn't touch are cleared)."""

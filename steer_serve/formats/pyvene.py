@@ -135,11 +135,8 @@ def _params(family: Family, sd: dict, where: str, source: torch.Tensor | None) -
             params[name] = _rotate(sd, saved.keys[0], where)
         elif saved.kind == "source":
             stored = sd.pop(key) if key else source
-            if stored is None:
-                _fail(f"{where}: a {family.name} intervention needs a source representation and none is stored in "
-                      "the directory; pass source= (a [hidden] tensor) to the reader", param=where,
-                      code="missing_source_representation")
-            params[name] = _vector(stored, where)
+            if stored is not None:   # else: an interchange whose source each request gives (see _source_from_request)
+                params[name] = _vector(stored, where)
         elif key is not None:
             params[name] = sd.pop(key)
         elif not saved.optional:
@@ -150,6 +147,16 @@ def _params(family: Family, sd: dict, where: str, source: torch.Tensor | None) -
     except ValueError as exc:
         _fail(f"{where}: {exc}", param=where)
     return params
+
+
+def _source_from_request(family: Family, params: dict, width: int) -> dict:
+    """An interchange saved without a source representation (as pyvene saves a trained DAS): its source
+    is a zero vector here, and ``config["source"] = "request"`` makes every request give one (the source
+    run's representation at the same site)."""
+    missing = [name for name, saved in family.saved.items() if saved.kind == "source" and name not in params]
+    for name in missing:
+        params[name] = torch.zeros(width)
+    return {"source": "request"} if missing else {}
 
 
 def _representations(cfg: dict) -> list[dict]:
@@ -211,7 +218,7 @@ def read_intervention_dir(path: str | os.PathLike, *, source_format: str, positi
         family = fam.name
         keys = ([sorted_keys[i]] if i < len(sorted_keys) else []) + _candidate_keys(rep, counters)
         found = next((k for k in keys if _plain_key(k) and (directory / f"intkey_{k}.bin").is_file()), None)
-        if found is None and fam.saved:
+        if found is None and any(saved.kind != "source" for saved in fam.saved.values()):
             _fail(f"missing weights of intervention {i} ({family}): none of "
                   f"{', '.join(f'intkey_{k}.bin' for k in dict.fromkeys(keys))}", param=f"intkey_{keys[0]}.bin",
                   code="missing_file")
@@ -233,7 +240,7 @@ def read_intervention_dir(path: str | os.PathLike, *, source_format: str, positi
             _fail(f"{where}: unexpected tensors {leftover} for a {family} intervention", param=where)
         model_heads = (heads or {}).get(base, num_heads)
         width = _width(params, embed_dim, model_width, component, model_heads, where)
-        config: dict = {}
+        config: dict = _source_from_request(fam, params, width)
         if "act_fn" in fam.saved_config and act_fn:
             config["act_fn"] = act_fn
         if "interchange_dim" in fam.saved_config and i < len(dims) and dims[i] is not None:

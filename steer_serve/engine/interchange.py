@@ -1,0 +1,100 @@
+"""Per-request source terms of interchange interventions, inside the worker.
+
+An interchange intervention (pyvene's ``VanillaIntervention``, ``RotatedSpaceIntervention``, …) is
+affine in its source: ``f(h; s) = f(h; 0) + g(s)``. Its slot holds ``f(h; 0)`` (the source-free
+edit, applied by the batched kernel like any other column); the API computes, for each base
+position, ``scale · g(s_i)`` from the source run's representation ``s_i`` and sends the rows in the
+request's extra args as a :class:`SourceTerms`. :meth:`InterchangeState.add` adds the i-th row to
+the i-th base position of the request at that site, after the site's kernel call (the API makes
+an interchange the last intervention of a request at its site). Positions are absolute, as
+everywhere, so chunked prefill adds each row to the same token.
+"""
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from steer_serve.interventions.positions import Positions, parse_positions
+
+Site = tuple[int, str]
+
+
+@dataclass(frozen=True)
+class SourceTerm:
+    """Rows ``[k, width]`` (float32) added at the first k ``positions`` of ``(layer, component)``."""
+
+    layer: int
+    component: str
+    positions: str
+    rows: torch.Tensor
+
+    def to_json(self) -> dict:
+        data = base64.b64encode(self.rows.to(torch.float32).contiguous().numpy().astype("<f4").tobytes()).decode()
+        return {"layer": self.layer, "component": self.component, "positions": self.positions,
+                "shape": list(self.rows.shape), "data": data}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SourceTerm":
+        rows = np.frombuffer(base64.b64decode(data["data"]), dtype="<f4").reshape(data["shape"])
+        return cls(int(data["layer"]), str(data["component"]), str(data["positions"]), torch.from_numpy(rows.copy()))
+
+
+EXTRA_ARGS_KEY = "steer_interchange"
+
+
+def to_extra_args(terms: list[SourceTerm]) -> dict:
+    return {EXTRA_ARGS_KEY: [t.to_json() for t in terms]}
+
+
+def from_extra_args(extra_args: dict | None) -> list[SourceTerm]:
+    return [SourceTerm.from_json(t) for t in (extra_args or {}).get(EXTRA_ARGS_KEY) or []]
+
+
+class InterchangeState:
+    """The source terms of the requests in flight, and this step's rows to add per site."""
+
+    def __init__(self):
+        self._terms: dict[str, list[tuple[Site, Positions, torch.Tensor]]] = {}   # engine request id -> terms
+        self._step: dict[Site, tuple[torch.Tensor, torch.Tensor]] = {}             # site -> (token index, rows)
+
+    def _parse(self, req_id: str, extra_args_of: Callable[[str], dict | None]):
+        if req_id not in self._terms:
+            self._terms[req_id] = [((t.layer, t.component), parse_positions(t.positions), t.rows)
+                                   for t in from_extra_args(extra_args_of(req_id))]
+        return self._terms[req_id]
+
+    def prepare(self, req_ids: Sequence[str], num_scheduled: np.ndarray, num_computed: np.ndarray,
+                num_prompt: np.ndarray, extra_args_of: Callable[[str], dict | None],
+                live_req_ids: Collection[str] = ()) -> None:
+        """Which token of this step gets which row, per site (arrays per request, flattened-token order)."""
+        if len(self._terms) > 2 * len(live_req_ids) + 64:
+            self._terms = {r: t for r, t in self._terms.items() if r in live_req_ids}
+        wanted: dict[Site, list[tuple[np.ndarray, torch.Tensor]]] = {}
+        offset = 0
+        for i, req_id in enumerate(req_ids):
+            n = int(num_scheduled[i])
+            terms = self._parse(req_id, extra_args_of)
+            if terms:
+                computed, prompt = int(num_computed[i]), int(num_prompt[i])
+                chunk = np.arange(computed, computed + n, dtype=np.int64)
+                for site, spec, rows in terms:
+                    every = np.flatnonzero(spec.mask(np.arange(max(prompt, computed + n)), prompt))
+                    ordinal = np.searchsorted(every, chunk[spec.mask(chunk, prompt)])
+                    ordinal = ordinal[ordinal < rows.shape[0]]
+                    if ordinal.size:
+                        wanted.setdefault(site, []).append((every[ordinal] - computed + offset,
+                                                            rows[torch.from_numpy(ordinal)]))
+            offset += n
+        self._step = {site: (torch.from_numpy(np.concatenate([t for t, _ in parts])), torch.cat([r for _, r in parts]))
+                      for site, parts in wanted.items()}
+
+    def add(self, site: Site, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` (``[step tokens, width]``, already edited at ``site``) plus this step's source rows there."""
+        if site not in self._step:
+            return tokens
+        index, rows = self._step[site]
+        return tokens.index_add(0, index.to(tokens.device), rows.to(tokens.device, tokens.dtype))
