@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench_util import RESULTS, machine, prompts, random_loreft_native, register_all, start_server, table, timed_batch
+from bench_util import (RESULTS, add_ratios, machine, prompts,
+                        random_loreft_native, register_all, start_server, table, timed_batch)
 from steer_client import Client
 
 FULL = {"batch": 32, "new_tokens": 32, "prompt_len": 32, "k": 64, "rounds": 5}
@@ -80,9 +80,7 @@ def measure_model(name: str, workdir: Path, p: dict) -> list[dict]:
             print(f"  {name:<20} {row['config']:<20} {row['tok_s']:8.1f} tok/s", flush=True)
     finally:
         server.stop()
-    base = statistics.mean(r["tok_s"] for r in rows if r["config"].startswith("unsteered"))
-    for row in rows:
-        row["ratio"] = row["tok_s"] / base
+    add_ratios(rows)
     return rows
 
 

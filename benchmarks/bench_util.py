@@ -96,6 +96,17 @@ def machine() -> dict:
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
 
 
+def add_ratios(rows: list[dict], is_baseline=lambda row: row["config"].startswith("unsteered")) -> float:
+    """Give every row its ``ratio`` of tok/s to the mean of the baseline rows (the unsteered ones, run
+    before and after the others, so their spread shows the noise); returns that mean."""
+    import statistics
+
+    base = statistics.mean(row["tok_s"] for row in rows if is_baseline(row))
+    for row in rows:
+        row["ratio"] = row["tok_s"] / base
+    return base
+
+
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """A fixed-width text table; ``columns`` are (key, header, format spec)."""
     head = "  ".join(f"{h:>14}" if i else f"{h:<28}" for i, (_, h, _) in enumerate(columns))

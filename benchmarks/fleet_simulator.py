@@ -156,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"replicas": replicas, "slots": slots, "policy": policy, "simulated_hit_rate": hit,
                              **estimate(steady, replicas, args.rate, load_s, replica_tok_s)})
                 r = rows[-1]
-                print(f"R={replicas:<3} S={slots:<4} {policy:<8} hit simulated {hit:.3f} long-run {steady:.3f}  loads/s/replica "
-                      f"{r['loads_per_s_per_replica']:7.2f}  fleet tok/s {r['fleet_tok_s']:9.1f}", flush=True)
+                print(f"R={replicas:<3} S={slots:<4} {policy:<8} hit simulated {hit:.3f} long-run {steady:.3f}  "
+                      f"loads/s/replica {r['loads_per_s_per_replica']:7.2f}  fleet tok/s {r['fleet_tok_s']:9.1f}",
+                      flush=True)
     sizing = {f"R={r}": {policy: smallest_slots(args.catalogue, args.zipf, r, policy, args.target_hit_rate)
                          for policy in ("affinity", "random")}
               for r in args.replicas}

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bench_util import RESULTS, machine, prompts, register_all, start_server, table, timed_batch
+from bench_util import RESULTS, add_ratios, machine, prompts, register_all, start_server, table, timed_batch
 from steer_serve.formats.native import save_native
 from steer_serve.interventions.base import Edit, Intervention, Placement
 
@@ -57,9 +57,7 @@ def measure(url: str, p: dict) -> list[dict]:
         rows.append({"config": label, "tok_s": max(rates), "median_tok_s": statistics.median(rates),
                      "source_prefill_tokens": int(share * p["batch"]) * p["prompt_len"]})
         print(f"{label}: {max(rates):.1f} tok/s", flush=True)
-    base = statistics.mean(r["tok_s"] for r in rows if "plain (" in r["config"] or r["config"] == "100% plain")
-    for row in rows:
-        row["ratio"] = row["tok_s"] / base
+    add_ratios(rows, lambda row: "plain (" in row["config"] or row["config"] == "100% plain")
     return rows
 
 

@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_util import RESULTS, machine, prompts, random_loreft_native, register_all, start_server, table, timed_batch
+from bench_util import (RESULTS, add_ratios, machine, prompts,
+                        random_loreft_native, register_all, start_server, table, timed_batch)
 
 FULL = {"batch": 64, "new_tokens": 64, "prompt_len": 32, "k": 64, "rounds": 3}
 QUICK = {"batch": 16, "new_tokens": 16, "prompt_len": 16, "k": 16, "rounds": 3}
@@ -72,9 +73,7 @@ def measure(url: str, p: dict) -> list[dict]:
         rows.append({"config": label, "tok_s": max(tok_s), "tok_s_median": statistics.median(tok_s),
                      "tok_s_rounds": tok_s})
         print(f"  {label:<34} {rows[-1]['tok_s']:8.1f} tok/s  rounds {[round(t, 1) for t in tok_s]}", flush=True)
-    base = statistics.mean(r["tok_s"] for r in rows if r["config"].startswith("unsteered"))
-    for row in rows:
-        row["ratio"] = row["tok_s"] / base
+    add_ratios(rows)
     return rows
 
 
@@ -102,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(doc, indent=2))
     from steer_loadtest.plots import bars
 
-    base = statistics.mean(r["tok_s"] for r in rows if r["config"].startswith("unsteered"))
+    base = add_ratios(rows)
     bars([r["config"].replace(" ", "\n", 1) for r in rows], [r["tok_s"] for r in rows], out.with_suffix(".png"),
          "output tok/s", f"batch {p['batch']} x {p['new_tokens']} new tokens, every layer", reference=0.95 * base)
     print(f"wrote {out} and {out.with_suffix('.png')}")

@@ -23,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_util import RESULTS, machine, prompts, random_loreft_native, register_all, start_server, table, timed_batch
+from bench_util import (RESULTS, add_ratios, machine, prompts,
+                        random_loreft_native, register_all, start_server, table, timed_batch)
 from live_server import FIXTURES_LORA
 from steer_client import Client
 
@@ -93,16 +94,14 @@ def measure(url: str, p: dict) -> list[dict]:
                      "tok_s_median": statistics.median(tok_s), "tok_s_rounds": tok_s,
                      "changed_vs_unsteered": changed})
         print(f"  {label:<22} {rows[-1]['tok_s']:8.1f} tok/s  rounds {[round(t, 1) for t in tok_s]}", flush=True)
-    base = statistics.mean(r["tok_s"] for r in rows if r["config"].startswith("unsteered"))
-    for row in rows:
-        row["ratio"] = row["tok_s"] / base
+    add_ratios(rows)
     return rows
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
     from steer_loadtest.plots import bars
 
-    base = statistics.mean(r["tok_s"] for r in rows if r["config"].startswith("unsteered"))
+    base = add_ratios(rows)
     bars([r["config"].replace(" ", "\n", 1) for r in rows], [r["tok_s"] for r in rows], path, "output tok/s", title,
          reference=0.95 * base)
 
