@@ -114,6 +114,51 @@ def test_interchange_refusals(tiny, ref, param):
     assert response.json()["error"]["param"] == param, response.text
 
 
+def test_a_chat_form_source_is_its_chat_template_rendering(small_server, intervention_dir, tiny):
+    """``source.messages`` gives the tokens of the same source given as the ids the model's chat template
+    renders (transformers' own ``apply_chat_template``, generation prompt on); a model without a chat
+    template (the tiny one) and malformed forms are 400s naming the field."""
+    from transformers import AutoTokenizer
+
+    from steer_serve.formats.native import save_native
+    from steer_serve.interventions.base import Edit, Intervention, Placement
+    from steer_serve.model import prepare_default_model
+
+    gen = torch.Generator().manual_seed(6)
+    rotate = torch.linalg.qr(torch.randn(576, 8, generator=gen))[0].contiguous()
+    edit = Edit("low_rank_rotated_space", Placement(12, "block_output"), {"rotate_layer": rotate,
+                                                                           "source": torch.zeros(576)},
+                {"source": "request"})
+    save_native(Intervention([edit], 576, positions="l1"), intervention_dir / "das-chat")
+    messages = [{"role": "user", "content": "The capital of Italy is"}]
+    rendered = AutoTokenizer.from_pretrained(prepare_default_model()).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+    def body(source):
+        ref = {"id": "das-chat", "positions": "l1", "source": {**source, "positions": "l1"}}
+        return {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True, "interventions": [ref]}
+
+    with httpx.Client(base_url=small_server.url, timeout=300) as client:
+        response = client.post("/v1/interventions", json={"id": "das-chat", "source": str(intervention_dir / "das-chat")})
+        assert response.status_code == 201, response.text
+        replies = [client.post("/v1/completions", json=body(form)) for form in ({"prompt": rendered},
+                                                                                 {"messages": messages})]
+        assert [r.status_code for r in replies] == [200, 200], [r.text for r in replies]
+        assert tokens(replies[0].json()) == tokens(replies[1].json())
+        for source in ({"messages": messages, "prompt": [5, 6]}, {},
+                       {"messages": [{"role": "user", "content": 3}]}):
+            response = client.post("/v1/completions", json=body(source))
+            assert response.status_code == 400, (source, response.text)
+            param = response.json()["error"]["param"]   # pydantic's dotted path for the form, ours for the template
+            assert param.replace("[", ".").replace("]", "").startswith("interventions.0.source"), response.text
+    client, _ = tiny
+    ref = {"id": "rotated_space", "positions": "l1", "source": {"messages": messages, "positions": "l1"}}
+    response = client.post("/v1/completions", json={"prompt": [5, 6, 7, 8], "max_tokens": 1, "interventions": [ref]})
+    assert response.status_code == 400 and "chat template" in response.json()["error"]["message"], response.text
+    assert response.json()["error"]["param"] == "interventions[0].source.messages"
+
+
 def test_capture_equals_pyvene_collect(tiny):
     """``capture`` returns what pyvene's ``CollectIntervention`` collects (keep_last_dim: one row per position)."""
     from test_capture import decode

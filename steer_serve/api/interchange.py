@@ -1,7 +1,7 @@
 """Interchange interventions with a source per request (pyvene's ``sources`` + ``unit_locations``).
 
-``interventions: [{"id": "das", "positions": "l1", "source": {"prompt": "…", "positions": "l1"}}]``:
-the source prompt is run on the same engine first (a one-token prefill, in the batch with
+``interventions: [{"id": "das", "positions": "l1", "source": {"prompt": "…", "positions": "l1"}}]``
+(or ``"source": {"messages": [...], ...}``, rendered by the chat template): the source prompt is run on the same engine first (a one-token prefill, in the batch with
 everything else, with a capture at the intervention's site and the source positions, on a cache
 salt of its own so nothing of it is skipped), and the base request then gets, at its i-th base
 position, the interchange with the source's i-th position (pyvene pairs ``sources->base``
@@ -88,6 +88,18 @@ def check_site_order(columns: list[tuple[object, Edit | None]]) -> None:
                                param="interventions")
 
 
+def render_chat(engine, messages: list[dict], param: str) -> list[int]:
+    """A chat-form source as token ids: the model's chat template with the generation prompt, tokenized
+    without added special tokens, as vLLM renders a chat request's messages."""
+    tokenizer = engine.llm.get_tokenizer()
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:   # the template's own checks (roles, alternation, a missing template)
+        raise APIError(400, f"{param}: the chat template cannot render these messages: {str(exc)[:200]}",
+                       code="invalid_value", param=param) from None
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
 async def source_terms(engine, plans: list[tuple[int, Edit, object, float, str]]) -> list[SourceTerm]:
     """Run every source (concurrently) and turn each into the rows its base positions get.
     ``plans``: (index in ``interventions``, edit, the ref's source, scale, base positions)."""
@@ -99,8 +111,9 @@ async def source_terms(engine, plans: list[tuple[int, Edit, object, float, str]]
                                 "pair unequal numbers of tokens", code="invalid_value", param=f"{param}.positions")
         site = (edit.placement.layer, edit.placement.component)
         capture = CaptureRequest(uuid.uuid4().hex, ((*site, source.positions),))
+        prompt = source.prompt if source.messages is None else render_chat(engine, source.messages, f"{param}.messages")
         try:
-            got = await engine.run_source(source.prompt, capture)
+            got = await engine.run_source(prompt, capture)
         except CLIENT_EXCEPTIONS as exc:   # what vLLM answers 4xx for: a prompt past the context, bad token ids
             raise APIError(400, f"{param}.prompt: {error_of(exc)[1]}", code="invalid_value",
                            param=f"{param}.prompt") from None

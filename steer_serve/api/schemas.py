@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from steer_serve.interventions.positions import parse_positions
 
@@ -18,8 +18,17 @@ class InterchangeSource(BaseModel):
     """The source run of an interchange intervention: its prompt and the positions whose representation is taken."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"prompt": "Paris is in", "positions": "l1"}]})
-    prompt: str | list[int] = Field(description="the source prompt: text or token ids")
+    prompt: str | list[int] | None = Field(default=None, description="the source prompt: text or token ids")
+    messages: list[dict] | None = Field(default=None, min_length=1, description=(
+        "instead of `prompt`: a chat-form source, rendered by the model's chat template with the generation "
+        "prompt, as a chat request's messages are"))
     positions: str = Field(max_length=32, description="f<n>, l<n> or f<n>+l<n>: paired in order with the base positions")
+
+    @model_validator(mode="after")
+    def _one_form(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of `prompt` and `messages`")
+        return self
 
     _positions = field_validator("positions")(_check_positions)
 
