@@ -81,6 +81,7 @@ async def resolve_interventions(body, state) -> list[tuple[str, float | None, st
 async def interchange_plans(body, state, requested) -> list[tuple]:
     """For each requested intervention given a ``source``: (its index in ``interventions``, its edit, the source,
     scale, base positions); 400s for a source on what is no interchange, a missing one, or a later edit at its site."""
+    state.registry.require_steerable([ident for ident, _, _ in requested])
     refs = body.interventions or []
     offset = len(requested) - len(refs)
     columns, plans = [], []

@@ -246,11 +246,15 @@ class InterventionRegistry:
                     logger.exception("could not follow the intervention store")
 
     # ----- requests -----------------------------------------------------------------------
+    def require_steerable(self, ids: list[str]) -> None:
+        """Refuse, naming the architecture, a request for anything but adapters on a model served plain."""
+        if any(not isinstance(self.entries.get(i), (AdapterEntry, PromptEntry)) for i in ids):
+            self.geometry.require_interventions()
+
     async def acquire(self, requested: list[tuple[str, float | None, str | None]]) -> Lease:
         """Pin each (id, scale, positions) a request names into device slots (waiting while every
         slot is pinned) and build its steering; at most one may be a weight-space adapter."""
-        if any(not isinstance(self.entries.get(i), (AdapterEntry, PromptEntry)) for i, _, _ in requested):
-            self.geometry.require_interventions()
+        self.require_steerable([i for i, _, _ in requested])
         named = [(await self.resolve(i), scale, positions) for i, scale, positions in requested]
         adapters = list(dict.fromkeys(e for e, _, _ in named if isinstance(e, AdapterEntry)))
         prompts = list(dict.fromkeys(e for e, _, _ in named if isinstance(e, PromptEntry)))
