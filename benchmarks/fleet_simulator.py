@@ -129,6 +129,14 @@ def smallest_slots(catalogue: int, zipf_s: float, replicas: int, policy: str, ta
     return None
 
 
+def _shown(value):
+    """A parameter as the results file records it: paths relative to the repository, never machine-specific."""
+    if not isinstance(value, Path):
+        return value
+    root = RESULTS.parent.parent
+    return str(value.resolve().relative_to(root)) if value.resolve().is_relative_to(root) else value.name
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--capacity", type=Path, default=RESULTS / "capacity.json",
@@ -164,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
               for r in args.replicas}
     print(f"slots per replica for hit rate >= {args.target_hit_rate}: {sizing}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"benchmark": "fleet_simulator", "params": {k: str(v) if isinstance(v, Path) else v
-                                                                               for k, v in vars(args).items()},
+    args.out.write_text(json.dumps({"benchmark": "fleet_simulator", "params": {k: _shown(v) for k, v in vars(args).items()},
                                     "load_s": load_s, "replica_tok_s": replica_tok_s, "rows": rows,
                                     "slots_for_target_hit_rate": sizing}, indent=2))
     print(f"wrote {args.out}")
