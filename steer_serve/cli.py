@@ -70,6 +70,9 @@ def _add_serve(sub) -> None:
                    help="sequences (prompts x n) one request may ask for; beyond: 400 (default: --max-num-seqs / 2)")
     p.add_argument("--http-header-timeout", type=float, default=10.0,
                    help="seconds a client has to send a request's headers; then 408 and the connection is closed")
+    p.add_argument("--http-keep-alive-timeout", type=int, default=75,
+                   help="seconds an idle keep-alive connection stays open between requests (longer than "
+                        "clients keep idle connections, so a reused connection is never closed under them)")
     p.add_argument("--http-body-timeout", type=float, default=60.0,
                    help="seconds a client has to send a request's body once its headers are in; then 408 and close")
     p.add_argument("--max-header-bytes", type=int, default=16384,
@@ -135,6 +138,7 @@ def _serve(args, vllm_flags: list[str]) -> None:
         max_concurrent_sequences=args.max_concurrent_sequences or 2 * args.max_num_seqs,
         max_sequences_per_request=args.max_sequences_per_request or max(1, args.max_num_seqs // 2),
         http_header_timeout=args.http_header_timeout, http_body_timeout=args.http_body_timeout,
+        http_keep_alive_timeout=args.http_keep_alive_timeout,
         max_header_bytes=args.max_header_bytes, max_body_bytes=args.max_body_bytes,
         max_upload_bytes=args.max_upload_bytes, max_placements=args.max_placements,
         cors_origins=args.cors_origin, drain_timeout=args.drain_timeout,

@@ -14,6 +14,18 @@ from live_server import FIXTURES, FIXTURES_LORA, FIXTURES_PEFT, RedisServer, Ser
 VLLM_FLAGS = ("--enable-auto-tool-choice", "--tool-call-parser", "pythonic", "--enable-prompt-tokens-details")
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test's report carries the log tail of every server still listed as started (the
+    ones it used, and any that died under it): CI keeps nothing else of a server's log."""
+    report = yield
+    if report.failed:
+        for proc in ServerProcess.started:
+            state = "running" if proc.proc.poll() is None else f"exited with {proc.proc.returncode}"
+            report.sections.append((f"server log {proc.log_path.name} ({state}, port {proc.port})", proc.tail(80)))
+    return report
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, intervention_dir):
     """The default server: default model, prefix caching on, 16 slots, fixtures dir allowed, and vLLM's
@@ -64,7 +76,7 @@ USER_KEY, ADMIN_KEY = "user-key", "admin-key"
 def guarded_server(tmp_path_factory, intervention_dir):
     """The one server with special flags (all such tests share it): API and admin keys, tiny limits
     (2 concurrent requests, 8 sequences per request, 64 KiB bodies, 256 KiB uploads, 16 max_tokens,
-    2 s / 3 s to send a head / body), 4 slots, no hub, CORS for one origin. Tests may stop and start it again (same port and registry dir)."""
+    2 s / 3 s to send a head / body, 5 s keep-alive), 4 slots, no hub, CORS for one origin. Tests may stop and start it again (same port and registry dir)."""
     root = tmp_path_factory.mktemp("guarded_server")
     proc = ServerProcess("--allowed-intervention-dir", str(FIXTURES), "--allowed-intervention-dir",
                          str(intervention_dir), "--api-key", USER_KEY, "--admin-api-key", ADMIN_KEY,
@@ -72,7 +84,7 @@ def guarded_server(tmp_path_factory, intervention_dir):
                          "--max-upload-bytes", "262144", "--max-tokens-limit", "16", "--max-interventions", "4",
                          "--max-model-len", "512", "--no-hub", "--cors-origin", "http://allowed.example",
                          "--kv-cache-gb", "1", "--drain-timeout", "60", "--max-sequences-per-request", "8",
-                         "--http-header-timeout", "2", "--http-body-timeout", "3",
+                         "--http-header-timeout", "2", "--http-body-timeout", "3", "--http-keep-alive-timeout", "5",
                          registry_dir=root / "registry", log_path=root / "server.log").start()
     yield proc
     proc.stop()

@@ -24,7 +24,10 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """A live server; ``url`` is its base URL. Use :meth:`stop` (SIGTERM, then wait)."""
+    """A live server; ``url`` is its base URL. Use :meth:`stop` (SIGTERM, then wait). Every started
+    server is listed in ``ServerProcess.started`` (a failing test's report shows their log tails)."""
+
+    started: list["ServerProcess"] = []
 
     def __init__(self, *args: str, registry_dir: Path, log_path: Path, env: dict | None = None):
         self.port = free_port()
@@ -37,6 +40,7 @@ class ServerProcess:
 
     def start(self, timeout: float = 600) -> "ServerProcess":
         self.log = open(self.log_path, "ab")
+        ServerProcess.started.append(self)
         self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -70,6 +74,8 @@ class ServerProcess:
         except ProcessLookupError:
             pass
         self.log.close()
+        if self in ServerProcess.started:
+            ServerProcess.started.remove(self)
         return self.proc.wait(30)
 
 

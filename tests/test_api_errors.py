@@ -265,6 +265,36 @@ def test_http_level_limits_answer_in_the_openai_shape(guarded_server, guarded):
     assert guarded.get("/ready").json()["in_flight"] == 0
 
 
+def _read_response(sock: socket.socket) -> bytes:
+    """One whole response (head + content-length body) from a kept-alive connection; b"" if it closed."""
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        if not (chunk := sock.recv(65536)):
+            return answer
+        answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def test_an_idle_kept_alive_connection_outlives_the_header_timeout(guarded_server):
+    """Between two requests of a kept-alive connection only the keep-alive timeout runs
+    (--http-keep-alive-timeout 5, longer than the 2 s header timeout): a client reusing its idle
+    connection after 3.5 s is answered, not disconnected; after 5 s idle the server closes it."""
+    host, port = guarded_server.url.removeprefix("http://").split(":")
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        for idle in (0, 3.5):
+            time.sleep(idle)
+            sock.sendall(request)
+            assert _read_response(sock).startswith(b"HTTP/1.1 200"), idle
+        started = time.monotonic()
+        assert sock.recv(65536) == b""                     # closed by the server, idle
+        assert 4 < time.monotonic() - started < 15
+
+
 def test_errors_by_code_in_metrics(guarded):
     guarded.get("/v1/interventions/nope")
     text = guarded.get("/metrics").text

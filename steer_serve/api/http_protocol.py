@@ -4,10 +4,14 @@
   (``--max-header-bytes``) or malformed: 400 with
   the OpenAI error body (uvicorn's own answer is plain text), then the connection closes;
 * a client that has not sent the whole head ``header_timeout`` seconds after the connection opened
-  (or after its previous response), or the whole body ``body_timeout`` seconds after its head:
-  408 with the OpenAI error body, and the connection closes (slow-header and slow-body clients hold
-  a connection and a buffer each; uvicorn only times out idle keep-alive connections). A request
-  whose body is cut off this way sees a client disconnect, as if the client had left.
+  (or after the first bytes of a later request on it), or the whole body ``body_timeout`` seconds
+  after its head: 408 with the OpenAI error body, and the connection closes (slow-header and
+  slow-body clients hold a connection and a buffer each). A request whose body is cut off this way
+  sees a client disconnect, as if the client had left.
+* between requests a keep-alive connection is idle, and only uvicorn's keep-alive timeout
+  (``--http-keep-alive-timeout``) closes it. It is longer than the idle expiry of common clients
+  (httpx and the openai SDK keep idle connections 5 s): a server closing an idle connection at the
+  moment a client reuses it is answered "server disconnected" on the client side.
 
 uvicorn takes the class as its ``http`` protocol (``uvicorn.Config(http=...)``); the limits are
 bound with :func:`guarded_protocol`; the head size limit is uvicorn's config.
@@ -21,6 +25,9 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from steer_serve.api.errors import JSONBody, error_body
+
+
+_BETWEEN_REQUESTS = object()   # the idle gap of a kept-alive connection (no read deadline of ours)
 
 
 def _raw_response(status: int, reason: str, message: str, code: str) -> bytes:
@@ -57,8 +64,11 @@ class GuardedH11Protocol(H11Protocol):
         self._expect_next_read()
 
     def _expect_next_read(self) -> None:
-        """Arm the deadline for what the client owes next: the head (IDLE), the body (SEND_BODY), or nothing."""
+        """Arm the deadline for what the client owes next: the head (IDLE), the body (SEND_BODY), or
+        nothing (between requests on a kept-alive connection, where uvicorn's keep-alive timer runs)."""
         state = self.conn.their_state
+        if state is h11.IDLE and self._between_requests():
+            state = _BETWEEN_REQUESTS
         if state is self._waiting_for:
             return
         self._cancel_deadline()
@@ -69,6 +79,10 @@ class GuardedH11Protocol(H11Protocol):
             self._read_deadline = self.loop.call_later(self.header_timeout, self._timed_out, "headers")
         elif state is h11.SEND_BODY:
             self._read_deadline = self.loop.call_later(self.body_timeout, self._timed_out, "body")
+
+    def _between_requests(self) -> bool:
+        """A response went out on this connection and nothing of the next request has arrived."""
+        return self.cycle is not None and self.cycle.response_complete and not self.conn.trailing_data[0]
 
     def _cancel_deadline(self) -> None:
         if self._read_deadline is not None:

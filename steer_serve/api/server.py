@@ -43,6 +43,7 @@ class ServerSettings:
     max_sequences_per_request: int = 64
     http_header_timeout: float = 10.0
     http_body_timeout: float = 60.0
+    http_keep_alive_timeout: int = 75
     max_header_bytes: int = 16384
     max_body_bytes: int = 2 * 1024 * 1024
     max_upload_bytes: int = 64 * 1024 * 1024
@@ -166,6 +167,7 @@ async def serve(engine_settings: EngineSettings, settings: ServerSettings) -> No
                                 http=guarded_protocol(header_timeout=settings.http_header_timeout,
                                                       body_timeout=settings.http_body_timeout),
                                 h11_max_incomplete_event_size=settings.max_header_bytes,
+                                timeout_keep_alive=settings.http_keep_alive_timeout,
                                 timeout_graceful_shutdown=int(settings.drain_timeout))
         server = _DrainingServer(config, state)
         logger.warning("steer-serve ready on http://%s:%d (model %s)", settings.host, settings.port,
