@@ -8,7 +8,7 @@ match: ``n`` for ``f<n>``/``l<n>``, the context length for ``prompt``/``generate
 makes the :class:`CaptureRequest` the engine records by. A capturing request gets a cache salt
 of its own, so no prompt token is skipped by the prefix cache: every captured row is computed by
 this request's forward (and chunked prefill records each chunk's rows at their absolute
-positions). When the request has finished, :func:`with_captures` fetches its rows from the
+positions). When the request has finished, :func:`with_choice_field` fetches its rows from the
 worker (``steer_take_capture``) and puts them into its choice, as ``captures``: for a stream,
 into the chunk that carries the choice's ``finish_reason``.
 """
@@ -101,22 +101,22 @@ def _json_body(response: Response) -> dict | None:
     return json.loads(response.body)
 
 
-async def with_captures(response: Response, fetch) -> Response:
-    """``response`` with ``captures`` (from ``await fetch()``) in its choice: the JSON body's, or the stream's
-    chunk that carries the choice's ``finish_reason``. Error responses pass unchanged."""
+async def with_choice_field(response: Response, name: str, fetch) -> Response:
+    """``response`` with ``name`` (its value from ``await fetch()``) in its choice: the JSON body's, or the
+    stream's chunk that carries the choice's ``finish_reason``. Error responses pass unchanged."""
     if isinstance(response, StreamingResponse):
-        response.body_iterator = _stream_with_captures(response.body_iterator, fetch)
+        response.body_iterator = _stream_with_field(response.body_iterator, name, fetch)
         return response
     body = _json_body(response)
     if body is None:
         return response
-    captures = await fetch()
+    value = await fetch()
     for choice in body.get("choices", []):
-        choice["captures"] = captures
+        choice[name] = value
     return JSONResponse(body, headers={k: v for k, v in response.headers.items() if k.lower() != "content-length"})
 
 
-async def _stream_with_captures(events, fetch):
+async def _stream_with_field(events, name: str, fetch):
     done = False
     async for item in events:
         text = item.decode() if isinstance(item, bytes) else item
@@ -129,9 +129,9 @@ async def _stream_with_captures(events, fetch):
                 chunk = json.loads(event[len("data: "):])
                 finished = [c for c in chunk.get("choices", []) if c.get("finish_reason") is not None]
                 if finished:
-                    captures = await fetch()
+                    value = await fetch()
                     for choice in finished:
-                        choice["captures"] = captures
+                        choice[name] = value
                     event = "data: " + json.dumps(chunk, separators=(",", ":"))
                     done = True
             out.append(event)

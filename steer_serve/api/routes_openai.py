@@ -18,12 +18,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
 from steer_serve.api import openapi_docs as docs
-from steer_serve.api.capture import capture_salt, fetch_captures, plan_capture, with_captures
+from steer_serve.api.capture import capture_salt, fetch_captures, plan_capture, with_choice_field
+from steer_serve.api.condition import condition_salt, plan_condition
 from steer_serve.api.interchange import check_site_order, interchange_edit, source_terms
 from steer_serve.api import vllm_frontend as vllm
 from steer_serve.api.auth import require_api_key
 from steer_serve.api.errors import APIError
 from steer_serve.engine.capture import CaptureRequest
+from steer_serve.engine.condition import ConditionRequest
 from steer_serve.engine import interchange
 from steer_serve.engine.config import RequestSteering
 from steer_serve.registry import Lease, RegistryError
@@ -154,16 +156,18 @@ def _prepend_virtual_tokens(body, lease: Lease, kind: str, state) -> None:
 
 
 def _hand_over(body, lease: Lease | None, request: Request, kind: str, capture: CaptureRequest | None = None,
-               terms: list | None = None) -> None:
-    """Put the lease, the capture and the interchange source rows where vLLM carries per-request data: extra args,
-    cache salt (one of the request's own with a capture or a source), LoRA model name, and a prompt-space
-    adapter's virtual tokens in front of the prompt's embeddings."""
+               terms: list | None = None, condition: ConditionRequest | None = None) -> None:
+    """Put the lease, the capture, the condition and the interchange source rows where vLLM carries per-request
+    data: extra args, cache salt (one of the request's own with a capture, a condition or a source), LoRA model
+    name, and a prompt-space adapter's virtual tokens in front of the prompt's embeddings."""
     state = request.app.state.steer
     body.model = state.served_model_name
-    if capture is not None or terms:
-        extra = {**(capture.to_extra_args() if capture else {}), **(interchange.to_extra_args(terms) if terms else {})}
+    if capture is not None or terms or condition is not None:
+        extra = {**(capture.to_extra_args() if capture else {}), **(interchange.to_extra_args(terms) if terms else {}),
+                 **(condition.to_extra_args() if condition else {})}
         body.vllm_xargs = {**(body.vllm_xargs or {}), **extra}
-        salt = capture_salt(capture) if capture else f"interchange-{uuid.uuid4().hex}"
+        salt = (capture_salt(capture) if capture else condition_salt(condition) if condition
+                else f"interchange-{uuid.uuid4().hex}")
         body.cache_salt = f"{salt}:{body.cache_salt}" if body.cache_salt else salt
     if lease is None:
         return
@@ -186,26 +190,34 @@ async def _steered(request: Request, body, kind: str) -> Response:
     state = request.app.state.steer
     if failure := state.engine_failure():
         raise APIError(503, f"{failure}; the server is shutting down", code="engine_dead")
-    for key in (RequestSteering.EXTRA_ARGS_KEY, CaptureRequest.EXTRA_ARGS_KEY, interchange.EXTRA_ARGS_KEY):
+    for key in (RequestSteering.EXTRA_ARGS_KEY, CaptureRequest.EXTRA_ARGS_KEY, interchange.EXTRA_ARGS_KEY,
+                ConditionRequest.EXTRA_ARGS_KEY):
         if key in (getattr(body, "vllm_xargs", None) or {}):
             raise APIError(400, f"vllm_xargs.{key} is reserved: name interventions with " + _FIELDS + " and captures "
                            "with `capture`", code="invalid_value", param="vllm_xargs")
     requested = await resolve_interventions(body, state)
     capture = plan_capture(body, kind, state)
     plans = await interchange_plans(body, state, requested)
+    condition = await plan_condition(body, kind, state, requested)
     _apply_token_limit(body, kind, state.max_tokens_limit)
     labels = [i for i, _, _ in requested] or ["none"]
     request.state.user = getattr(body, "user", None)
     request.state.interventions, request.state.stream = ",".join(labels), bool(body.stream)
     sequences, param = sequences_of(body, kind)
     state.limiter.enter(sequences, param)  # 400 past the per-request cap, 429 when the server is full
-    lease, captured = None, None
+    lease, captured, decided = None, None, None
 
     async def fetch() -> list[dict]:
         nonlocal captured
         if captured is None:
             captured = await fetch_captures(state.engine, capture[0], capture[1], state.registry.geometry.widths)
         return captured
+
+    async def decision() -> dict | None:
+        nonlocal decided
+        if decided is None:
+            decided = {"decision": await state.engine.take_condition(condition.key)}
+        return decided["decision"]
 
     async def finish() -> None:
         nonlocal lease
@@ -216,15 +228,20 @@ async def _steered(request: Request, body, kind: str) -> Response:
         if capture is not None and captured is None and not state.engine_failure():
             with contextlib.suppress(Exception):  # drop what a failed or departed request recorded
                 await state.engine.take_capture(capture[0].key)
+        if condition is not None and decided is None and not state.engine_failure():
+            with contextlib.suppress(Exception):
+                await state.engine.take_condition(condition.key)
 
     try:
         terms = await source_terms(state.engine, plans) if plans else None
         lease = await state.registry.acquire(requested) if requested else None
-        _hand_over(body, lease, request, kind, capture[0] if capture else None, terms)
+        _hand_over(body, lease, request, kind, capture[0] if capture else None, terms, condition)
         state.metrics.request_started(labels)
         response = await state.handlers[kind](body, request)
         if capture is not None:
-            response = await with_captures(response, fetch)
+            response = await with_choice_field(response, "captures", fetch)
+        if condition is not None:
+            response = await with_choice_field(response, "condition", decision)
     except BaseException:
         await finish()
         raise

@@ -61,6 +61,23 @@ class CaptureSite(BaseModel):
     _positions = field_validator("positions")(_check_positions)
 
 
+class ConditionSpec(BaseModel):
+    """Conditional steering (CAST): the request's interventions apply to its generated tokens only if
+    its prompt meets this condition (``steer_serve/engine/condition.py`` has the math)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"intervention": "harmful-condition", "layer": 6, "threshold": 0.02, "comparator": "larger"}]})
+    intervention: str = Field(max_length=128, description="a registered steering vector whose direction at "
+                                                          "`layer` is the condition direction (its site is the condition's)")
+    layer: int = Field(ge=0, description="decoder layer of the condition (0-based)")
+    threshold: float = Field(allow_inf_nan=False, description="compared with the prompt's similarity to the direction")
+    comparator: Literal["larger", "smaller"] = Field(
+        default="larger", description="IBM activation-steering's condition_comparator_threshold_is: 'larger' holds "
+                                      "when the similarity is below the threshold, 'smaller' when above")
+    aggregate: Literal["mean", "last"] = Field(
+        default="mean", description="the prompt's representation: the mean of its rows, or its last row")
+
+
 class SteeringFields(BaseModel):
     """steer-serve's extension fields (send them with the OpenAI SDK through ``extra_body``)."""
 
@@ -74,6 +91,8 @@ class SteeringFields(BaseModel):
 
     capture: list[CaptureSite] | None = Field(default=None, max_length=64,
                                               description="return the activations at these sites in each choice")
+    condition: ConditionSpec | None = Field(default=None, description="apply the interventions to the generated "
+                                                                     "tokens only if the prompt meets this condition")
 
     _positions = field_validator("intervention_positions")(_check_positions)
 

@@ -125,6 +125,11 @@ class SteerEngine:
                 sites.setdefault(site["site"], (site["positions"], tensors[str(site["site"])]))
         return sites
 
+    async def take_condition(self, key: str) -> dict | None:
+        """The decision ``{similarity, met}`` of the conditional request with ``key`` (from the worker whose
+        layers hold its site; tensor-parallel ranks agree), or None when no prompt row reached the site."""
+        return next((d for d in await self.llm.collective_rpc("steer_take_condition", args=(key,)) if d), None)
+
     async def run_source(self, prompt: str | list[int], capture: "CaptureRequest") -> dict:
         """Prefill ``prompt`` (one greedy token) with ``capture``, on a cache salt of its own (nothing skipped by
         the prefix cache), and return what it captured (:meth:`take_capture`)."""

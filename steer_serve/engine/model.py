@@ -25,6 +25,7 @@ from torch import nn
 from steer_serve.engine.architectures import (ARCHITECTURES, STEER_PREFIX, ArchitectureTable, component_geometry,
                                               steer_class_name)
 from steer_serve.engine.capture import CaptureState
+from steer_serve.engine.condition import ConditionState
 from steer_serve.engine.config import SteerConfig
 from steer_serve.engine.interchange import InterchangeState
 from steer_serve.engine.step_state import StepState
@@ -37,12 +38,14 @@ class LayerSteering:
     """The slot tables of one decoder layer and the step state its hooks read."""
 
     def __init__(self, layer: nn.Module, layer_idx: int, step_state: StepState, capture_state: CaptureState,
-                 interchange_state: InterchangeState, widths: dict[str, int], components: tuple[str, ...]):
+                 interchange_state: InterchangeState, condition_state: ConditionState, widths: dict[str, int],
+                 components: tuple[str, ...]):
         self.layer = layer
         self.layer_idx = layer_idx
         self.step_state = step_state
         self.capture_state = capture_state
         self.interchange_state = interchange_state
+        self.condition_state = condition_state
         config = step_state.config
         self.components = components
         self.widths = widths
@@ -65,15 +68,21 @@ class LayerSteering:
         return self.step_state.is_active(self.layer_idx, component)
 
     def capturing(self, component: str) -> bool:
-        """Whether a request of this step records ``component`` of this layer."""
-        return self.capture_state.any_this_step and self.capture_state.wants((self.layer_idx, component))
+        """Whether a request of this step records ``component`` of this layer, or sums its prompt there for a condition."""
+        site = (self.layer_idx, component)
+        return (self.capture_state.any_this_step and self.capture_state.wants(site)) or self.condition_state.wants(site)
 
     def capture(self, component: str, x: torch.Tensor) -> None:
-        """Record this step's wanted rows of ``x`` (the site's tensor after its edits; TP shards gathered)."""
+        """Record this step's wanted rows of ``x`` (the site's tensor after its edits; TP shards gathered), and add
+        its conditional requests' prompt rows to their sums."""
         tokens = x.reshape(-1, x.shape[-1])
         if tokens.shape[-1] != self.widths[component]:
             tokens = gather_tensor_parallel_columns(tokens, self.widths[component])
-        self.capture_state.record((self.layer_idx, component), tokens)
+        site = (self.layer_idx, component)
+        if self.capture_state.any_this_step and self.capture_state.wants(site):
+            self.capture_state.record(site, tokens)
+        if self.condition_state.wants(site):
+            self.condition_state.accumulate(site, tokens)
 
     def steer(self, component: str, x: torch.Tensor) -> torch.Tensor:
         """Apply this step's interventions at ``component`` to ``x`` (one kernel call, all columns).
@@ -87,8 +96,13 @@ class LayerSteering:
         shard = tokens.shape[-1]
         if shard != width:
             tokens = gather_tensor_parallel_columns(tokens, width)
+        gating = self.condition_state.gating()
+        if gating:   # the rows of conditional requests' generated tokens, before their edits
+            before = tokens.index_select(0, self.condition_state.gate_index(tokens.device))
         edited = apply_interventions(tokens, plan.slots, plan.coef, self.slot_tables(component), plan=plan)
         edited = self.interchange_state.add((self.layer_idx, component), edited)   # per-request source rows
+        if gating:
+            edited = self.condition_state.gate(before, edited)
         if shard != width:
             rank = tensor_parallel_rank()
             edited = edited[:, rank * shard:(rank + 1) * shard]
@@ -261,6 +275,7 @@ def _install_steering(model: nn.Module, vllm_config, table: ArchitectureTable) -
     model.steer_step_state = StepState(config, model.steer_slots, model.steer_coef)
     model.steer_capture = CaptureState()
     model.steer_interchange = InterchangeState()
+    model.steer_condition = ConditionState()
     widths, heads = component_geometry(vllm_config.model_config.hf_text_config.to_dict())
     layers = model.get_submodule(table.layers)
     model.steer_layers = []
@@ -269,7 +284,7 @@ def _install_steering(model: nn.Module, vllm_config, table: ArchitectureTable) -
     _unshare_site_modules([layer for _, layer in own], table)
     for index, layer in own:
         steering = LayerSteering(layer, index, model.steer_step_state, model.steer_capture, model.steer_interchange,
-                                 widths, components)
+                                 model.steer_condition, widths, components)
         _install_layer_hooks(layer, steering, table)
         model.steer_layers.append(steering)
     model.steer_geometry = {"num_slots": config.num_slots, "max_rank": config.max_rank,

@@ -5,7 +5,7 @@ layers that LoRA wrapped are moved onto the wrappers), so the
 per-step slot buffers are filled once per step from the scheduled batch; warm-up and profiling
 runs never call it and see zeroed buffers.
 ``steer_take_capture`` hands over (and forgets) the activations a finished request captured
-(``engine/capture.py``).
+(``engine/capture.py``); ``steer_take_condition`` a conditional request's decision (``engine/condition.py``).
 ``steer_write_slot`` / ``steer_clear_slot`` copy an intervention's tables into a slot in place,
 between engine steps (collective RPCs run between steps), without recompiling anything.
 """
@@ -65,7 +65,7 @@ class SteerWorkerExtension:
         carry_hooks_to_lora_wrappers(model)
         if getattr(self.model_runner, "enable_prompt_embeds", False):
             embed_token_subsets_without_lora(model)
-        per_step = (model.steer_step_state, model.steer_capture, model.steer_interchange)
+        per_step = (model.steer_step_state, model.steer_capture, model.steer_interchange, model.steer_condition)
 
         def fill(*args, **kwargs):
             for state in per_step:
@@ -78,6 +78,11 @@ class SteerWorkerExtension:
     def steer_take_capture(self, key: str) -> tuple[bytes, str]:
         """The captures of the request whose capture key is ``key`` (safetensors bytes, JSON sites), forgotten here."""
         return self._steer_model().steer_capture.take(key)
+
+    def steer_take_condition(self, key: str) -> dict | None:
+        """The decision of the conditional request whose key is ``key`` (None where its site is not on this
+        worker), forgotten here."""
+        return self._steer_model().steer_condition.take(key)
 
     def steer_write_slot(self, slot: int, blob: bytes, meta_json: str) -> None:
         """Write one intervention into ``slot`` of every layer (sites it doesn't touch are cleared)."""
