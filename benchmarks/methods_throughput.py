@@ -1,5 +1,7 @@
 """Decode throughput of directional ablation, projection clamps and norm-preserving steering on every
-layer, K distinct per batch, against plain LoReFT on every layer and unsteered, in one run (issue 19).
+layer, K distinct per batch, and of conditional steering (the LoReFTs gated by a CAST condition at
+layer 12 that always holds, so the condition's prompt sums and the gate are paid in full), against
+plain LoReFT on every layer and unsteered, in one run (issue 19).
 
 One server (``--max-interventions 64 --max-rank 4``); each method's K random interventions edit
 ``block_output`` of every layer (positions ``all``); batch B requests x N new tokens (greedy,
@@ -28,6 +30,8 @@ FULL = {"batch": 64, "new_tokens": 64, "prompt_len": 32, "k": 64, "rounds": 3}
 QUICK = {"batch": 16, "new_tokens": 16, "prompt_len": 16, "k": 16, "rounds": 3}
 SERVER_ARGS = ["--max-interventions", "64", "--max-rank", "4"]
 METHODS = ("loreft", "directional_ablation", "projection_clamp", "norm_preserving_steering")
+#: a CAST condition that always holds (a cosine is below 2), on the random vector ``condition``
+CONDITION = {"intervention": "condition", "layer": 12, "threshold": 2.0, "comparator": "larger"}
 
 
 def method_native(directory: Path, method: str, seed: int, layers: list[int], hidden: int = 576) -> Path:
@@ -54,12 +58,28 @@ def method_native(directory: Path, method: str, seed: int, layers: list[int], hi
     return directory
 
 
+def condition_native(directory: Path, layer: int, hidden: int = 576) -> Path:
+    """A random steering vector at ``layer`` (block_output): the CAST condition direction."""
+    import torch
+
+    from steer_serve.formats.native import save_native
+    from steer_serve.interventions.base import Edit, Intervention, Placement
+
+    vector = torch.randn(hidden, generator=torch.Generator().manual_seed(7))
+    save_native(Intervention([Edit("steering_vector", Placement(layer, "block_output"), {"vector": vector})], hidden),
+                directory)
+    return directory
+
+
 def measure(url: str, p: dict) -> list[dict]:
     """Rounds interleave the configurations (each round times every one in turn), so a load change on a
     shared machine hits every row alike."""
-    configs = [("unsteered", None)] + [(f"{m} K={p['k']}", m) for m in METHODS] + [("unsteered (again)", None)]
+    configs = ([("unsteered", None)] + [(f"{m} K={p['k']}", m) for m in METHODS]
+               + [(f"conditional loreft K={p['k']}", "loreft"), ("unsteered (again)", None)])
     steering = {label: [{} if m is None else {"intervention": f"{m}-{i % p['k']}"} for i in range(p["batch"])]
                 for label, m in configs}
+    for request in steering[f"conditional loreft K={p['k']}"]:
+        request["condition"] = CONDITION
     seconds = {label: [] for label, _ in configs}
     for r in range(p["rounds"] + 1):                    # round 0: warm-up (loads the slots), not timed
         for c, (label, _) in enumerate(configs):
@@ -89,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         layers = list(range(30))
         sources = {f"{m}-{i}": method_native(workdir / f"{m}-{i}", m, 1000 * j + i, layers)
                    for j, m in enumerate(METHODS) for i in range(p["k"])}
+        sources["condition"] = condition_native(workdir / "condition", CONDITION["layer"])
         started = time.perf_counter()
         register_all(server.url, sources, positions="all", upload=True)
         print(f"registered {len(sources)} interventions in {time.perf_counter() - started:.0f}s", flush=True)

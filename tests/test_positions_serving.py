@@ -51,16 +51,18 @@ def hf_model():
     return model
 
 
-def hf_greedy(model, prompt, vector, spec: str | None) -> list[int]:
-    """Greedy tokens with ``vector`` added to block ``LAYER``'s output at the spec's absolute positions:
-    the prefill forward holds positions 0..P-1, the n-th decode forward position P+n-1."""
+def hf_greedy(model, prompt, vector, spec: str | None, mask_of=None) -> list[int]:
+    """Greedy tokens with ``vector`` added to block ``LAYER``'s output at the spec's absolute positions
+    (or where ``mask_of(positions)`` says): the prefill forward holds positions 0..P-1, the n-th decode
+    forward position P+n-1."""
     calls = []
 
     def hook(_m, _args, out):
         h = out[0] if isinstance(out, tuple) else out
         start = 0 if not calls else len(prompt) + len(calls) - 1
         calls.append(start)
-        mask = parse_positions(spec).mask(np.arange(start, start + h.shape[1]), len(prompt))
+        positions = np.arange(start, start + h.shape[1])
+        mask = mask_of(positions) if mask_of else parse_positions(spec).mask(positions, len(prompt))
         h = h + torch.from_numpy(mask.astype(np.float32))[None, :, None] * vector
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
@@ -86,5 +88,27 @@ def test_positions_chunked_equal_unchunked_and_transformers(clients, hf_model, p
     fields = {"interventions": [{"id": "positions-vector", "positions": spec}], "ignore_eos": True}
     expected = hf_greedy(hf_model, prompt, vector, spec)
     assert expected != plain, "the edit must change the greedy tokens"
+    assert tokens(complete(big, prompt, NEW_TOKENS, **fields)) == expected
+    assert tokens(complete(small, prompt, NEW_TOKENS, **fields)) == expected
+
+
+@pytest.mark.parametrize("where, span", [("prompt", None), ("prompt", 5), ("generated", None)])
+def test_token_triggers_chunked_equal_unchunked_and_transformers(clients, hf_model, prompt, plain, where, span):
+    """``t<id>`` / ``t<id>:<n>``: the edit starts after the trigger token's first occurrence — one in the
+    prompt's second chunk on the small server, or one the plain answer generates (nothing is edited before
+    it, so it is generated as without the edit) — on both servers as in transformers."""
+    big, small, vector = clients
+    if where == "prompt":
+        token = next(t for i, t in enumerate(prompt) if i > 40 and prompt.index(t) == i)
+        at = prompt.index(token)
+        assert 32 <= at < 64
+    else:
+        k = next(k for k, t in enumerate(plain) if k >= 2 and t not in prompt and t not in plain[:k])
+        token, at = plain[k], len(prompt) + k
+    spec = f"t{token}" + ("" if span is None else f":{span}")
+    stop = np.iinfo(np.int64).max if span is None else at + 1 + span
+    expected = hf_greedy(hf_model, prompt, vector, spec, lambda positions: (positions > at) & (positions < stop))
+    assert expected != plain, "the edit must change the greedy tokens"
+    fields = {"interventions": [{"id": "positions-vector", "positions": spec}], "ignore_eos": True}
     assert tokens(complete(big, prompt, NEW_TOKENS, **fields)) == expected
     assert tokens(complete(small, prompt, NEW_TOKENS, **fields)) == expected

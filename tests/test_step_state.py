@@ -211,3 +211,28 @@ def test_generation_steps():
     for bad in ("g3:3", "g-1:2", "g:4", "1:2:3", "--1", "+1"):
         with pytest.raises(ValueError, match="invalid positions"):
             parse_positions(bad)
+
+
+@pytest.mark.parametrize("spec", ["t7", "t7:3"])
+def test_token_triggers_edit_after_the_trigger_however_the_request_is_chunked(spec):
+    """``t<id>`` edits every position after the first occurrence of the token, ``t<id>:<n>`` the n after it
+    (none before it appears): the same positions for a prompt trigger and a generated one, whatever the
+    chunks, also when a prefix-cached part holding the trigger is never scheduled."""
+    prompt_tokens = [3, 1, 4, 1, 5, 7, 2, 6, 5, 3, 5, 8]
+    generated = [9, 9, 7, 9, 9, 9]
+    n = None if ":" not in spec else int(spec.split(":")[1])
+    for tokens, trigger_at in ((prompt_tokens, 5), ([1] * 12, 14)):
+        edited = set(range(trigger_at + 1, 18 if n is None else trigger_at + 1 + n))
+        sequence = np.array([tokens + generated])
+        for chunks in ([12], [4, 4, 4], [5, 7], [1] * 12):
+            for cached in (0, 8):
+                state = make_state(columns=1)
+                extra = {"a": RequestSteering([2], [1.0], [spec]).to_extra_args()}
+                bounds = [cached] + [int(c) for c in np.cumsum(chunks) if c > cached]
+                seen, computed = [], cached
+                for n_tokens in [b - a for a, b in zip(bounds, bounds[1:])] + [1] * len(generated):
+                    state.prepare(["a"], np.array([n_tokens]), np.array([computed]), np.array([12]),
+                                  args_for(extra), token_ids=sequence)
+                    seen += [int(s == 2) for s in state.slots[0, :n_tokens].tolist()]
+                    computed += n_tokens
+                assert seen == [int(p in edited) for p in range(cached, 18)], (tokens, chunks, cached)

@@ -14,6 +14,13 @@ def _check_positions(value: str | None) -> str | None:
     return value
 
 
+def _check_static_positions(value: str | None) -> str | None:
+    """Positions known from the prompt's length alone (a capture reads rows it must know in advance)."""
+    if value is not None and not parse_positions(value).static:
+        raise ValueError(f"positions {value!r}: a token trigger applies to interventions only")
+    return value
+
+
 class InterchangeSource(BaseModel):
     """The source run of an interchange intervention: its prompt and the positions whose representation is taken."""
 
@@ -58,7 +65,7 @@ class CaptureSite(BaseModel):
     positions: str = Field(max_length=32, description="f<n>, l<n>, f<n>+l<n>, prompt, generated, all")
     dtype: Literal["float32", "bfloat16"] = Field(default="float32", description="dtype of the returned data")
 
-    _positions = field_validator("positions")(_check_positions)
+    _positions = field_validator("positions")(_check_static_positions)
 
 
 class ConditionSpec(BaseModel):
@@ -110,7 +117,7 @@ class DeriveSpec(BaseModel):
     component: str = Field(default="block_output", max_length=64, description="a hooked component")
     positions: str = Field(default="l1", max_length=32, description="positions averaged per prompt")
 
-    _positions = field_validator("positions")(_check_positions)
+    _positions = field_validator("positions")(_check_static_positions)
 
 
 class InterventionCreate(BaseModel):

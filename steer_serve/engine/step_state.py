@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from steer_serve.engine.config import RequestSteering, SteerConfig
-from steer_serve.interventions.positions import NO_POSITIONS, parse_positions, position_spans
+from steer_serve.interventions.positions import KIND_CODES, NO_POSITIONS, parse_positions, position_spans
 from steer_serve.kernels import StepPlan
 
 Site = tuple[int, str]  # (layer index, component)
@@ -50,6 +50,8 @@ class _RequestTable:
         self.spans = np.zeros((columns, capacity, 4), dtype=np.int64)   # position_spans ...
         self.spans_prompt = np.full(capacity, -1, dtype=np.int64)       # ... at this engine prompt length
         self.prompt_len = np.full(capacity, -1, dtype=np.int64)         # -1: the engine's prompt length
+        self.trigger_at = np.full((columns, capacity), -1, dtype=np.int64)   # where a t<id> token appeared
+        self.scanned = np.zeros(capacity, dtype=np.int64)               # tokens searched for triggers so far
         self._free = list(range(capacity - 1, 0, -1))
 
     def add(self, steering: RequestSteering) -> int:
@@ -69,6 +71,8 @@ class _RequestTable:
         self.last[:, row] = [s.last for s in specs] + pad
         self.spans_prompt[row] = -1
         self.prompt_len[row] = -1 if steering.prompt_len is None else steering.prompt_len
+        self.trigger_at[:, row] = -1
+        self.scanned[row] = 0
         return row
 
     def release(self, row: int) -> None:
@@ -81,13 +85,28 @@ class _RequestTable:
             todo, todo_prompt = rows[stale], engine_prompt[stale]
             override = self.prompt_len[todo]
             self.spans[:, todo] = position_spans(self.kind[:, todo], self.first[:, todo], self.last[:, todo],
-                                                 np.where(override >= 0, override, todo_prompt))
+                                                 np.where(override >= 0, override, todo_prompt),
+                                                 self.trigger_at[:, todo])
             self.spans_prompt[todo] = todo_prompt
         return self.spans[:, rows]
 
+    def find_triggers(self, rows: np.ndarray, token_ids: np.ndarray, upto: np.ndarray) -> None:
+        """Search the tokens of ``rows`` (``token_ids[i]`` the i-th request's, known up to ``upto[i]``) for the
+        triggers they still wait for; a found trigger's spans are recomputed at their next use."""
+        waiting = (self.kind[:, rows] == KIND_CODES["trigger"]) & (self.trigger_at[:, rows] < 0)
+        for i in np.flatnonzero(waiting.any(axis=0)):
+            row, start, stop = rows[i], self.scanned[rows[i]], int(upto[i])
+            for column in np.flatnonzero(waiting[:, i]):
+                hits = np.flatnonzero(token_ids[i, start:stop] == self.first[column, row])
+                if hits.size:
+                    self.trigger_at[column, row] = start + hits[0]
+                    self.spans_prompt[row] = -1
+            self.scanned[row] = max(start, stop)
+
     def _grow(self) -> None:
         capacity = len(self.prompt_len)
-        for name in ("slot", "scale", "kind", "first", "last", "spans", "spans_prompt", "prompt_len"):
+        for name in ("slot", "scale", "kind", "first", "last", "spans", "spans_prompt", "prompt_len", "trigger_at",
+                     "scanned"):
             old = getattr(self, name)
             axis = 0 if old.ndim == 1 else 1
             new = np.concatenate([old, np.zeros_like(old)], axis=axis)
@@ -157,9 +176,10 @@ class StepState:
 
     def prepare(self, req_ids: Sequence[str], num_scheduled: np.ndarray, num_computed: np.ndarray,
                 num_prompt: np.ndarray, extra_args_of: Callable[[str], dict | None],
-                live_req_ids: Collection[str] = ()) -> None:
+                live_req_ids: Collection[str] = (), token_ids: np.ndarray | None = None) -> None:
         """Fill the buffers for one step. Arrays are per request, in flattened-token order;
-        ``live_req_ids`` are all requests the runner still holds (to forget finished ones)."""
+        ``live_req_ids`` are all requests the runner still holds (to forget finished ones);
+        ``token_ids[i]`` the i-th request's tokens so far (searched for ``t<id>`` triggers)."""
         self._forget_finished(live_req_ids)
         self._plan = None
         count = len(req_ids)
@@ -173,6 +193,8 @@ class StepState:
         self._slots_np[:, :width] = 0
         self._coef_np[:, :width] = 0.0
         rows = self._table_rows(req_ids, extra_args_of)
+        if token_ids is not None and rows.any():
+            self._table.find_triggers(rows, token_ids, np.asarray(num_computed[:count]) + num_scheduled[:count])
         columns, present = (0, []) if not rows.any() else self._fill(
             rows, *(np.asarray(a[:count], dtype=np.int64) for a in (num_scheduled, num_computed, num_prompt)), total)
         self.num_columns = columns

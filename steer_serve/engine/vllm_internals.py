@@ -115,9 +115,11 @@ def register_model(name: str, target: str) -> None:
 
 
 def install_step_hook(runner, fill) -> None:
-    """Call ``fill(req_ids, num_scheduled, num_computed, num_prompt, extra_args_of, live_req_ids=)``
+    """Call ``fill(req_ids, num_scheduled, num_computed, num_prompt, extra_args_of, live_req_ids=, token_ids=)``
     once per engine step, after the runner prepared its inputs and before the forward (warm-up and
-    profiling runs never call it). Installed on this runner instance, not the class; idempotent."""
+    profiling runs never call it); ``token_ids[i]`` are the i-th request's tokens (the input batch's
+    ``token_ids_cpu`` row: its prompt and the tokens sampled so far, with synchronous scheduling as on
+    the CPU). Installed on this runner instance, not the class; idempotent."""
     if getattr(runner, "_steer_installed", False):
         return
     original = runner._prepare_inputs
@@ -127,7 +129,8 @@ def install_step_hook(runner, fill) -> None:
         batch, requests = runner.input_batch, runner.requests
         n = batch.num_reqs
         fill(batch.req_ids[:n], num_scheduled_tokens, batch.num_computed_tokens_cpu[:n], batch.num_prompt_tokens[:n],
-             lambda req_id: requests[req_id].sampling_params.extra_args, live_req_ids=requests)
+             lambda req_id: requests[req_id].sampling_params.extra_args, live_req_ids=requests,
+             token_ids=batch.token_ids_cpu[:n])
         return result
 
     runner._prepare_inputs = prepare_inputs_then_fill

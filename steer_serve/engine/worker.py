@@ -65,10 +65,11 @@ class SteerWorkerExtension:
         carry_hooks_to_lora_wrappers(model)
         if getattr(self.model_runner, "enable_prompt_embeds", False):
             embed_token_subsets_without_lora(model)
-        per_step = (model.steer_step_state, model.steer_capture, model.steer_interchange, model.steer_condition)
+        per_request = (model.steer_capture, model.steer_interchange, model.steer_condition)
 
-        def fill(*args, **kwargs):
-            for state in per_step:
+        def fill(*args, token_ids, **kwargs):
+            model.steer_step_state.prepare(*args, token_ids=token_ids, **kwargs)   # t<id> triggers read the tokens
+            for state in per_request:
                 state.prepare(*args, **kwargs)
 
         install_step_hook(self.model_runner, fill)

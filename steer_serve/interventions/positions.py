@@ -14,6 +14,13 @@ slice), e.g. ``-8:`` the last 8, ``2:-2``. Generation-step ranges: ``g<a>:<b>`` 
 ``a..b-1`` (0 = the first generated token, the one ``generated`` starts with; ``b`` may be left out:
 every later one), e.g. ``g0:16`` the first 16, ``g4:`` from the fifth on.
 
+Token-triggered spans: ``t<id>`` every token after the first occurrence of token id ``<id>`` in the
+request (prompt or generated), ``t<id>:<n>`` the ``n`` tokens after it; none while it has not
+appeared. The trigger's position is found by the engine from the request's own tokens
+(``trigger_at`` of :func:`position_spans`), so it is the same however the request is chunked,
+cached or recomputed. They act on interventions only (a capture or an interchange needs positions
+known from the prompt alone).
+
 Positions are absolute within the request (prompt token i has position i), so the mask is the
 same however the prompt is chunked, cached or recomputed.
 
@@ -32,9 +39,10 @@ _WINDOW = re.compile(r"^(?:f(?P<f>\d+))?(?:\+?l(?P<l>\d+))?$")
 _INDEX = re.compile(r"^-?\d{1,9}$")
 _SLICE = re.compile(r"^(?P<a>-?\d{1,9})?:(?P<b>-?\d{1,9})?$")
 _STEPS = re.compile(r"^g(?P<a>\d{1,9}):(?P<b>\d{1,9})?$")
+_TRIGGER = re.compile(r"^t(?P<a>\d{1,9})(?::(?P<b>\d{1,9}))?$")
 
 #: Kind codes of the vectorised form; ``NO_POSITIONS`` marks a padded column (no token).
-KIND_CODES = {"window": 0, "prompt": 1, "generated": 2, "all": 3, "slice": 4, "steps": 5}
+KIND_CODES = {"window": 0, "prompt": 1, "generated": 2, "all": 3, "slice": 4, "steps": 5, "trigger": 6}
 NO_POSITIONS = -1
 _END = np.iinfo(np.int64).max
 #: ``Positions.first``/``last`` of a slice or steps kind when that bound is left out.
@@ -43,15 +51,23 @@ OPEN = np.iinfo(np.int64).min
 
 @dataclass(frozen=True)
 class Positions:
-    """``kind`` with its counts: a window's first/last n; a slice's or steps' start/stop (``OPEN``: none)."""
+    """``kind`` with its counts: a window's first/last n; a slice's or steps' start/stop (``OPEN``: none);
+    a trigger's token id and span length (``OPEN``: to the end)."""
 
-    kind: str  # "window" | "prompt" | "generated" | "all" | "slice" | "steps"
+    kind: str  # "window" | "prompt" | "generated" | "all" | "slice" | "steps" | "trigger"
     first: int = 0
     last: int = 0
     text: str = ""
 
+    @property
+    def static(self) -> bool:
+        """Whether the positions follow from the prompt's length alone (every kind but a trigger)."""
+        return self.kind != "trigger"
+
     def mask(self, positions: np.ndarray, num_prompt_tokens: int) -> np.ndarray:
-        """Boolean mask over absolute token ``positions`` of one request."""
+        """Boolean mask over absolute token ``positions`` of one request (static kinds only)."""
+        if not self.static:
+            raise ValueError(f"positions {self.text!r} depend on the request's tokens, not only on its prompt length")
         if self.kind in ("slice", "steps"):
             lo, hi = _span(self.code, self.first, self.last, num_prompt_tokens)
             return (positions >= lo) & (positions < hi)
@@ -78,7 +94,7 @@ class Positions:
         return KIND_CODES[self.kind]
 
     def __str__(self) -> str:
-        if self.kind in ("slice", "steps"):
+        if self.kind in ("slice", "steps", "trigger"):
             return self.text
         if self.kind != "window":
             return self.kind
@@ -105,11 +121,12 @@ def _span(kind, first, last, prompt):
 
 
 def position_spans(kind: np.ndarray, first: np.ndarray, last: np.ndarray,
-                   num_prompt_tokens: np.ndarray | int) -> np.ndarray:
+                   num_prompt_tokens: np.ndarray | int, trigger_at: np.ndarray | None = None) -> np.ndarray:
     """``[..., 4]`` int64 ``(lo1, hi1, lo2, hi2)``, ``lo1 <= hi1 <= lo2 <= hi2``, such that
     :meth:`Positions.mask` of each element is ``[lo1, hi1) ∪ [lo2, hi2)``. ``kind`` (codes of
     :data:`KIND_CODES`, or ``NO_POSITIONS``), ``first`` and ``last`` share one shape, which
-    ``num_prompt_tokens`` broadcasts against. Windows are clamped as in :meth:`Positions.window`."""
+    ``num_prompt_tokens`` broadcasts against. Windows are clamped as in :meth:`Positions.window`.
+    ``trigger_at`` (same shape; -1: not seen yet) is where each trigger kind's token first appeared."""
     kind = np.asarray(kind)
     prompt = np.asarray(num_prompt_tokens, dtype=np.int64)
     half = prompt // 2
@@ -126,6 +143,13 @@ def position_spans(kind: np.ndarray, first: np.ndarray, last: np.ndarray,
         lo, hi = _span(kind, np.asarray(first), np.asarray(last), prompt)
         for i, value in enumerate((lo, hi, hi, hi)):
             spans[..., i] = np.where(ranged, value, spans[..., i])
+    triggered = kind == KIND_CODES["trigger"]
+    if triggered.any():
+        at = np.full(kind.shape, -1, dtype=np.int64) if trigger_at is None else np.asarray(trigger_at)
+        lo = np.where(at >= 0, at + 1, _END)
+        hi = np.where((np.asarray(last) == OPEN) | (at < 0), _END, lo + np.asarray(last))
+        for i, value in enumerate((lo, hi, hi, hi)):
+            spans[..., i] = np.where(triggered, value, spans[..., i])
     return spans
 
 
@@ -156,6 +180,8 @@ def parse_positions(spec: str) -> Positions:
     if _INDEX.match(text):
         i = int(text)
         return Positions("slice", i, OPEN if i == -1 else i + 1, text)
+    if m := _TRIGGER.match(text):
+        return Positions("trigger", int(m.group("a")), OPEN if m.group("b") is None else int(m.group("b")), text)
     if m := _SLICE.match(text) or _STEPS.match(text):
         bounds = [OPEN if m.group(g) is None else int(m.group(g)) for g in ("a", "b")]
         steps = text.startswith("g")
@@ -170,4 +196,5 @@ def parse_positions(spec: str) -> Positions:
                 raise ValueError(f"invalid positions {spec!r}")
             return Positions("window", first, last)
     raise ValueError(f"invalid positions {spec!r}: expected f<n>, l<n>, f<n>+l<n>, prompt, generated, all, a prompt "
-                     "index <i> (-1 = last), a prompt slice <a>:<b>, or generation steps g<a>:<b>")
+                     "index <i> (-1 = last), a prompt slice <a>:<b>, generation steps g<a>:<b>, or a token trigger t<id> / "
+                     "t<id>:<n>")
