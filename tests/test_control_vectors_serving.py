@@ -68,3 +68,29 @@ def test_unknown_operator_is_a_400_and_nothing_registered(cv_client, interventio
     error = response.json()["error"]
     assert error["code"] == "unknown_operator" and "'multiply'" in error["message"] and error["param"] == "operator"
     assert cv_client.get("/v1/interventions/cv-bad-op").status_code == 404
+
+
+ITI = REPO / "tests" / "fixtures" / "data_iti"
+ITI_DOC = json.loads((ITI / "cases.json").read_text())
+
+
+def test_pyvene_iti_object_equals_pyvene_generate(cv_client, intervention_dir):
+    """An Inference-Time-Intervention object as the pyvene docs load one (per-head ``AdditionIntervention``
+    shifts at ``model.layers[i].self_attn.o_proj.input`` of five layers, saved by pyvene 0.1.8) registers as
+    saved and, on generated positions (pyvene's ``generate`` default ``intervene_on_prompt=False``), gives
+    pyvene's own greedy tokens, alone and in one burst beside plain requests."""
+    target = shutil.copytree(ITI / "iti", intervention_dir / "iti", dirs_exist_ok=True)
+    response = cv_client.post("/v1/interventions", json={"id": "iti", "source": str(target), "positions": "generated",
+                                                          "replace": True})
+    assert response.status_code == 201, response.text
+    sites = {(e["placement"]["layer"], e["placement"]["component"]) for e in response.json()["edits"]}
+    assert sites == {(int(layer), "attention_value_output") for layer in ITI_DOC["heads"]}, sites
+    cases = ITI_DOC["cases"]
+    jobs = [(c, True) for c in cases] + [(c, False) for c in cases]
+    with cf.ThreadPoolExecutor(len(jobs)) as pool:
+        got = list(pool.map(lambda job: tokens(complete(cv_client, job[0]["prompt_ids"], ITI_DOC["max_new_tokens"],
+                                                        **({"intervention": "iti"} if job[1] else {}))), jobs))
+    for (case, steered), answer in zip(jobs, got):
+        want = case["iti_ids"] if steered else case["unsteered_ids"]
+        assert answer == want, (case["text"], steered)
+    assert all(c["iti_ids"] != c["unsteered_ids"] for c in cases)
