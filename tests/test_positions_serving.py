@@ -112,3 +112,19 @@ def test_token_triggers_chunked_equal_unchunked_and_transformers(clients, hf_mod
     fields = {"interventions": [{"id": "positions-vector", "positions": spec}], "ignore_eos": True}
     assert tokens(complete(big, prompt, NEW_TOKENS, **fields)) == expected
     assert tokens(complete(small, prompt, NEW_TOKENS, **fields)) == expected
+
+
+@pytest.mark.parametrize("spec, first, stop", [("g-4:", 8, None), ("g2:-6", 2, 6)])
+def test_steps_counted_back_from_max_tokens(clients, hf_model, prompt, plain, spec, first, stop):
+    """A negative generation-step bound counts back from the request's ``max_tokens`` (12): ``g-4:`` the
+    last 4 generated tokens, ``g2:-6`` the third to the sixth; chunked or not, as transformers. Without
+    ``max_tokens`` it is a 400 naming the field."""
+    big, small, vector = clients
+    lo, hi = len(prompt) + first, len(prompt) + (stop if stop is not None else NEW_TOKENS + 1)
+    expected = hf_greedy(hf_model, prompt, vector, spec, lambda positions: (positions >= lo) & (positions < hi))
+    assert expected != plain, "the edit must change the greedy tokens"
+    fields = {"interventions": [{"id": "positions-vector", "positions": spec}], "ignore_eos": True}
+    assert tokens(complete(big, prompt, NEW_TOKENS, **fields)) == expected
+    assert tokens(complete(small, prompt, NEW_TOKENS, **fields)) == expected
+    response = big.post("/v1/completions", json={"prompt": prompt, **fields})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "max_tokens", response.text

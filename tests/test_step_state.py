@@ -208,7 +208,7 @@ def test_generation_steps():
     assert np.flatnonzero(parse_positions("g0:3").mask(positions, 7)).tolist() == [7, 8, 9]
     assert np.flatnonzero(parse_positions("g2:").mask(positions, 7)).tolist() == list(range(9, 30))
     assert np.array_equal(parse_positions("g0:").mask(positions, 5), parse_positions("generated").mask(positions, 5))
-    for bad in ("g3:3", "g-1:2", "g:4", "1:2:3", "--1", "+1"):
+    for bad in ("g3:3", "g-2:-3", "g:4", "1:2:3", "--1", "+1"):
         with pytest.raises(ValueError, match="invalid positions"):
             parse_positions(bad)
 
@@ -236,3 +236,14 @@ def test_token_triggers_edit_after_the_trigger_however_the_request_is_chunked(sp
                     seen += [int(s == 2) for s in state.slots[0, :n_tokens].tolist()]
                     computed += n_tokens
                 assert seen == [int(p in edited) for p in range(cached, 18)], (tokens, chunks, cached)
+
+
+def test_negative_step_bounds_count_back_from_max_tokens():
+    """``g-3:`` on a 10-token prompt with max_tokens 8 edits positions 15.. (the last 3 generated), ``g0:-2``
+    positions 10..15; a capture cannot take them (they are not static)."""
+    for spec, want in (("g-3:", range(15, 40)), ("g0:-2", range(10, 16)), ("g-20:", range(10, 40))):
+        state = make_state(max_tokens=40, columns=1)
+        extra = {"a": RequestSteering([2], [1.0], [spec], max_new_tokens=8).to_extra_args()}
+        state.prepare(["a"], np.array([40]), np.array([0]), np.array([10]), args_for(extra))
+        assert np.flatnonzero(state.slots[0].numpy()).tolist() == list(want), spec
+        assert not parse_positions(spec).static

@@ -26,6 +26,7 @@ from steer_serve.api.auth import require_api_key
 from steer_serve.api.errors import APIError
 from steer_serve.engine.capture import CaptureRequest
 from steer_serve.engine.condition import ConditionRequest
+from steer_serve.interventions.positions import parse_positions
 from steer_serve.engine import interchange
 from steer_serve.engine.config import RequestSteering
 from steer_serve.registry import Lease, RegistryError
@@ -155,6 +156,18 @@ def _prepend_virtual_tokens(body, lease: Lease, kind: str, state) -> None:
     state.prompt_embedder.apply(body, lease.prompt)
 
 
+def _count_back_from_max_tokens(body, kind: str, steering: RequestSteering) -> None:
+    """Give the steering the answer's allowed length when a position counts back from it (``g-8:``); 400
+    when the request leaves it to the server."""
+    if not any(parse_positions(p).needs_max_tokens for p in steering.positions):
+        return
+    param, value = _requested_max_tokens(body, kind)
+    if value is None:
+        raise APIError(400, f"positions counting back from the end of the answer (g-<n>:) need `{param}`",
+                       code="invalid_value", param=param)
+    steering.max_new_tokens = int(value)
+
+
 def _hand_over(body, lease: Lease | None, request: Request, kind: str, capture: CaptureRequest | None = None,
                terms: list | None = None, condition: ConditionRequest | None = None) -> None:
     """Put the lease, the capture, the condition and the interchange source rows where vLLM carries per-request
@@ -172,6 +185,7 @@ def _hand_over(body, lease: Lease | None, request: Request, kind: str, capture: 
     if lease is None:
         return
     if lease.steering.slots:
+        _count_back_from_max_tokens(body, kind, lease.steering)
         body.vllm_xargs = {**(body.vllm_xargs or {}), **lease.steering.to_extra_args()}
         if getattr(body, "use_beam_search", False):
             _refuse_batched_beam_search(body)

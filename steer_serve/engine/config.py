@@ -33,14 +33,16 @@ class SteerConfig:
 
 @dataclass
 class RequestSteering:
-    """What one request asks for: slot ids, scales and positions, one entry per column; and, for an
+    """What one request asks for: slot ids, scales and positions, one entry per column; for an
     engine request whose prompt extends the user's (vLLM's beam-search steps), the user's prompt
-    length that positions are counted from."""
+    length that positions are counted from; and the answer's allowed length (``max_tokens``) where a
+    position counts back from it (``g-8:``)."""
 
     slots: list[int] = field(default_factory=list)
     scales: list[float] = field(default_factory=list)
     positions: list[str] = field(default_factory=list)
     prompt_len: int | None = None
+    max_new_tokens: int | None = None
 
     EXTRA_ARGS_KEY = "steer"
 
@@ -48,6 +50,8 @@ class RequestSteering:
         data = {"slots": self.slots, "scales": self.scales, "positions": self.positions}
         if self.prompt_len is not None:
             data["prompt_len"] = self.prompt_len
+        if self.max_new_tokens is not None:
+            data["max_new_tokens"] = self.max_new_tokens
         return {self.EXTRA_ARGS_KEY: data}
 
     @classmethod
@@ -56,4 +60,4 @@ class RequestSteering:
         if not data:
             return None
         return cls(list(data["slots"]), [float(s) for s in data["scales"]], list(data["positions"]),
-                   data.get("prompt_len"))
+                   data.get("prompt_len"), data.get("max_new_tokens"))

@@ -50,6 +50,7 @@ class _RequestTable:
         self.spans = np.zeros((columns, capacity, 4), dtype=np.int64)   # position_spans ...
         self.spans_prompt = np.full(capacity, -1, dtype=np.int64)       # ... at this engine prompt length
         self.prompt_len = np.full(capacity, -1, dtype=np.int64)         # -1: the engine's prompt length
+        self.max_new = np.zeros(capacity, dtype=np.int64)               # the answer's allowed length (g-8:)
         self.trigger_at = np.full((columns, capacity), -1, dtype=np.int64)   # where a t<id> token appeared
         self.scanned = np.zeros(capacity, dtype=np.int64)               # tokens searched for triggers so far
         self._free = list(range(capacity - 1, 0, -1))
@@ -71,6 +72,7 @@ class _RequestTable:
         self.last[:, row] = [s.last for s in specs] + pad
         self.spans_prompt[row] = -1
         self.prompt_len[row] = -1 if steering.prompt_len is None else steering.prompt_len
+        self.max_new[row] = steering.max_new_tokens or 0
         self.trigger_at[:, row] = -1
         self.scanned[row] = 0
         return row
@@ -86,7 +88,7 @@ class _RequestTable:
             override = self.prompt_len[todo]
             self.spans[:, todo] = position_spans(self.kind[:, todo], self.first[:, todo], self.last[:, todo],
                                                  np.where(override >= 0, override, todo_prompt),
-                                                 self.trigger_at[:, todo])
+                                                 self.trigger_at[:, todo], self.max_new[todo])
             self.spans_prompt[todo] = todo_prompt
         return self.spans[:, rows]
 
@@ -106,7 +108,7 @@ class _RequestTable:
     def _grow(self) -> None:
         capacity = len(self.prompt_len)
         for name in ("slot", "scale", "kind", "first", "last", "spans", "spans_prompt", "prompt_len", "trigger_at",
-                     "scanned"):
+                     "scanned", "max_new"):
             old = getattr(self, name)
             axis = 0 if old.ndim == 1 else 1
             new = np.concatenate([old, np.zeros_like(old)], axis=axis)

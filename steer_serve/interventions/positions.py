@@ -12,7 +12,9 @@ Python-style prompt indices and slices (prefill only, like the windows): ``<i>``
 (either bound may be negative, counted from the prompt's end, or left out; clamped like a Python
 slice), e.g. ``-8:`` the last 8, ``2:-2``. Generation-step ranges: ``g<a>:<b>`` the generated tokens
 ``a..b-1`` (0 = the first generated token, the one ``generated`` starts with; ``b`` may be left out:
-every later one), e.g. ``g0:16`` the first 16, ``g4:`` from the fifth on.
+every later one), e.g. ``g0:16`` the first 16, ``g4:`` from the fifth on; a negative bound counts
+from the end of the answer the request allows (its ``max_tokens``), e.g. ``g-8:`` the last 8 of
+``max_tokens`` (an answer ending earlier reaches fewer of them, or none).
 
 Token-triggered spans: ``t<id>`` every token after the first occurrence of token id ``<id>`` in the
 request (prompt or generated), ``t<id>:<n>`` the ``n`` tokens after it; none while it has not
@@ -38,7 +40,7 @@ import numpy as np
 _WINDOW = re.compile(r"^(?:f(?P<f>\d+))?(?:\+?l(?P<l>\d+))?$")
 _INDEX = re.compile(r"^-?\d{1,9}$")
 _SLICE = re.compile(r"^(?P<a>-?\d{1,9})?:(?P<b>-?\d{1,9})?$")
-_STEPS = re.compile(r"^g(?P<a>\d{1,9}):(?P<b>\d{1,9})?$")
+_STEPS = re.compile(r"^g(?P<a>-?\d{1,9}):(?P<b>-?\d{1,9})?$")
 _TRIGGER = re.compile(r"^t(?P<a>\d{1,9})(?::(?P<b>\d{1,9}))?$")
 
 #: Kind codes of the vectorised form; ``NO_POSITIONS`` marks a padded column (no token).
@@ -61,8 +63,13 @@ class Positions:
 
     @property
     def static(self) -> bool:
-        """Whether the positions follow from the prompt's length alone (every kind but a trigger)."""
-        return self.kind != "trigger"
+        """Whether the positions follow from the prompt's length alone (not a trigger, not the answer's end)."""
+        return self.kind != "trigger" and not self.needs_max_tokens
+
+    @property
+    def needs_max_tokens(self) -> bool:
+        """Whether a bound counts from the end of the answer (``g-8:``): the request's ``max_tokens``."""
+        return self.kind == "steps" and (self.first < 0 or OPEN != self.last < 0)
 
     def mask(self, positions: np.ndarray, num_prompt_tokens: int) -> np.ndarray:
         """Boolean mask over absolute token ``positions`` of one request (static kinds only)."""
@@ -109,24 +116,30 @@ def _bound(value, default, prompt):
                                                      np.minimum(given, prompt)))
 
 
-def _span(kind, first, last, prompt):
+def _step(value, max_new):
+    """A generation-step bound: negative ones count back from ``max_new`` (the answer's allowed length)."""
+    return np.where(value < 0, np.maximum(max_new + value, 0), value)
+
+
+def _span(kind, first, last, prompt, max_new=0):
     """``(lo, hi)`` of the slice and steps kinds (arrays broadcast)."""
     kind, first, last = np.asarray(kind), np.asarray(first, dtype=np.int64), np.asarray(last, dtype=np.int64)
-    prompt = np.asarray(prompt, dtype=np.int64)
+    prompt, max_new = np.asarray(prompt, dtype=np.int64), np.asarray(max_new, dtype=np.int64)
     steps = kind == KIND_CODES["steps"]
-    lo = np.where(steps, prompt + np.maximum(first, 0), _bound(first, 0, prompt))
-    hi = np.where(steps, np.where(last == OPEN, _END, prompt + np.where(last == OPEN, 0, last)),
+    lo = np.where(steps, prompt + _step(first, max_new), _bound(first, 0, prompt))
+    hi = np.where(steps, np.where(last == OPEN, _END, prompt + _step(np.where(last == OPEN, 0, last), max_new)),
                   _bound(last, prompt, prompt))
     return lo, np.maximum(hi, lo)
 
 
-def position_spans(kind: np.ndarray, first: np.ndarray, last: np.ndarray,
-                   num_prompt_tokens: np.ndarray | int, trigger_at: np.ndarray | None = None) -> np.ndarray:
+def position_spans(kind: np.ndarray, first: np.ndarray, last: np.ndarray, num_prompt_tokens: np.ndarray | int,
+                   trigger_at: np.ndarray | None = None, max_new: np.ndarray | int = 0) -> np.ndarray:
     """``[..., 4]`` int64 ``(lo1, hi1, lo2, hi2)``, ``lo1 <= hi1 <= lo2 <= hi2``, such that
     :meth:`Positions.mask` of each element is ``[lo1, hi1) ∪ [lo2, hi2)``. ``kind`` (codes of
     :data:`KIND_CODES`, or ``NO_POSITIONS``), ``first`` and ``last`` share one shape, which
     ``num_prompt_tokens`` broadcasts against. Windows are clamped as in :meth:`Positions.window`.
-    ``trigger_at`` (same shape; -1: not seen yet) is where each trigger kind's token first appeared."""
+    ``trigger_at`` (same shape; -1: not seen yet) is where each trigger kind's token first appeared;
+    ``max_new`` (broadcast like the prompt) the answer's allowed length, for negative step bounds."""
     kind = np.asarray(kind)
     prompt = np.asarray(num_prompt_tokens, dtype=np.int64)
     half = prompt // 2
@@ -140,7 +153,7 @@ def position_spans(kind: np.ndarray, first: np.ndarray, last: np.ndarray,
     spans[..., 3] = np.where(window, prompt, spans[..., 2])
     ranged = (kind == KIND_CODES["slice"]) | (kind == KIND_CODES["steps"])
     if ranged.any():
-        lo, hi = _span(kind, np.asarray(first), np.asarray(last), prompt)
+        lo, hi = _span(kind, np.asarray(first), np.asarray(last), prompt, max_new)
         for i, value in enumerate((lo, hi, hi, hi)):
             spans[..., i] = np.where(ranged, value, spans[..., i])
     triggered = kind == KIND_CODES["trigger"]
@@ -185,7 +198,7 @@ def parse_positions(spec: str) -> Positions:
     if m := _SLICE.match(text) or _STEPS.match(text):
         bounds = [OPEN if m.group(g) is None else int(m.group(g)) for g in ("a", "b")]
         steps = text.startswith("g")
-        if steps and bounds[1] != OPEN and bounds[1] <= bounds[0]:
+        if steps and bounds[1] != OPEN and (bounds[0] < 0) == (bounds[1] < 0) and bounds[1] <= bounds[0]:
             raise ValueError(f"invalid positions {spec!r}: generation steps g<a>:<b> need b > a")
         return Positions("steps" if steps else "slice", *bounds, text)
     m = _WINDOW.match(text)
@@ -196,5 +209,6 @@ def parse_positions(spec: str) -> Positions:
                 raise ValueError(f"invalid positions {spec!r}")
             return Positions("window", first, last)
     raise ValueError(f"invalid positions {spec!r}: expected f<n>, l<n>, f<n>+l<n>, prompt, generated, all, a prompt "
-                     "index <i> (-1 = last), a prompt slice <a>:<b>, generation steps g<a>:<b>, or a token trigger t<id> / "
+                     "index <i> (-1 = last), a prompt slice <a>:<b>, generation steps g<a>:<b> (negative: from the end of "
+                     "max_tokens), or a token trigger t<id> / "
                      "t<id>:<n>")
