@@ -16,6 +16,7 @@ class LowRankRotatedSpace(Family):
     required = ("rotate_layer", "source")
     library_classes = ("LowRankRotatedSpaceIntervention",)
     saved = {"rotate_layer": ROTATION, "source": SOURCE}
+    subspace_mode = "interchange"
 
     def check(self, params, config, width):
         rank = params["rotate_layer"].shape[-1]
@@ -32,6 +33,9 @@ class LowRankRotatedSpace(Family):
     def lowrank(self, params, config):
         R = f32(params["rotate_layer"])
         return LowRankEdit(b=f32(params["source"]) @ R, P=R, U=R)
+
+    def subspace_axes(self, params):
+        return f32(params["rotate_layer"])
 
 
 FAMILY = LowRankRotatedSpace()

@@ -23,6 +23,7 @@ class RotatedSpace(Family):
     library_classes = ("RotatedSpaceIntervention",)
     saved = {"rotate_layer": ROTATION, "source": SOURCE}
     saved_config = ("interchange_dim",)
+    subspace_mode = "interchange"
 
     def check(self, params, config, width):
         expect_shape(self.name, params, "rotate_layer", (width, width))
@@ -46,6 +47,9 @@ class RotatedSpace(Family):
             return LowRankEdit(v=rotated_source @ R.T, z=torch.ones(width))
         Rk = R[:, :k]
         return LowRankEdit(b=rotated_source[:k], P=Rk, U=Rk)
+
+    def subspace_axes(self, params):
+        return f32(params["rotate_layer"])
 
 
 FAMILY = RotatedSpace()

@@ -18,6 +18,7 @@ class Vanilla(Family):
     library_classes = ("VanillaIntervention",)
     saved = {"source": SOURCE}
     saved_config = ("interchange_dim",)
+    subspace_mode = "interchange"
 
     def check(self, params, config, width):
         expect_shape(self.name, params, "source", (width,))
@@ -35,6 +36,9 @@ class Vanilla(Family):
         z = torch.zeros_like(source)
         z[:k] = 1.0
         return LowRankEdit(v=source * z, z=z)
+
+    def subspace_axes(self, params):
+        return torch.eye(params["source"].shape[-1])
 
 
 FAMILY = Vanilla()
