@@ -95,6 +95,9 @@ def _tiny_loreft():
     return Intervention(iv.edits, 128, positions="all")
 
 
+_SOURCED = {"id": "rotated_space", "positions": "l1", "source": {"prompt": [5, 6, 7, 8], "positions": "l1"}}
+
+
 @pytest.mark.parametrize("ref,param", [
     ({"id": "rotated_space", "positions": "l1"}, "interventions[0].source"),
     ({"id": "rotated_space", "positions": "l2", "source": {"prompt": [5, 6, 7, 8], "positions": "l1"}},
@@ -106,12 +109,28 @@ def _tiny_loreft():
     ({"id": "rotated_space", "positions": "l1", "source": {"prompt": list(range(600, 1200)), "positions": "l1"}},
      "interventions[0].source.prompt"),
     ({"id": "tiny-loreft", "source": {"prompt": [5, 6, 7, 8], "positions": "l1"}}, "interventions[0].source"),
+    ({"id": "rotated_space", "positions": "l1", "subspaces": [0]}, "interventions[0].subspaces"),
+    ({**_SOURCED, "id": "boundless_rotated_space", "subspaces": [0]}, "interventions[0].subspaces"),
+    ({**_SOURCED, "subspaces": []}, "interventions[0].subspaces"),
+    ({**_SOURCED, "subspaces": [3, 1, 3]}, "interventions[0].subspaces"),
+    ({**_SOURCED, "subspaces": [128]}, "interventions[0].subspaces"),
+    ({**_SOURCED, "id": "low_rank_rotated_space", "subspaces": [48]}, "interventions[0].subspaces"),
+    ({**_SOURCED, "id": "vanilla", "subspaces": [-1]}, "interventions[0].subspaces"),
 ])
 def test_interchange_refusals(tiny, ref, param):
     client, _ = tiny
     response = client.post("/v1/completions", json={"prompt": [5, 6, 7, 8, 9], "max_tokens": 1, "interventions": [ref]})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param, response.text
+
+
+@pytest.mark.parametrize("subspaces", [[0.5], [True], "0"])
+def test_subspaces_must_be_integers(tiny, subspaces):
+    client, _ = tiny
+    ref = {**_SOURCED, "subspaces": subspaces}
+    response = client.post("/v1/completions", json={"prompt": [5, 6, 7, 8, 9], "max_tokens": 1, "interventions": [ref]})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"].replace("[", ".").replace("]", "").startswith("interventions.0.subspaces")
 
 
 def test_a_chat_form_source_is_its_chat_template_rendering(small_server, intervention_dir, tiny):
