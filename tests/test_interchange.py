@@ -63,6 +63,24 @@ def test_interchange_equals_pyvene(tiny):
             assert tokens(response.json()) == expected, (case["name"], i)
 
 
+def test_leading_subspaces_equal_pyvene_interchange_dim(tiny):
+    """``subspaces`` = the first ``interchange_dim`` dimensions (all r of a low-rank rotation) is the same swap in
+    pyvene: these requests skip the slot (their term carries the axes) and still give pyvene's tokens and first step."""
+    client, _ = tiny
+    first = load_file(str(DATA / "first_step.safetensors"))
+    dims = {"vanilla": 64, "rotated_space": 16, "low_rank_rotated_space": 48}
+    for case in (c for c in DOC["cases"] if c["name"] in dims):
+        for i, (pair, expected) in enumerate(zip(DOC["pairs"], case["steered_ids"])):
+            body = _request(case["name"], pair, logprobs=5, return_tokens_as_token_ids=True)
+            body["interventions"][0]["subspaces"] = list(range(dims[case["name"]]))
+            response = client.post("/v1/completions", json=body)
+            assert response.status_code == 200, response.text
+            top = response.json()["choices"][0]["logprobs"]["top_logprobs"][0]
+            got = torch.tensor(list(top.values()))
+            assert (got - first[f"{case['name']}.{i}.logprobs"][:5]).abs().max() < 1e-4, (case["name"], i, got)
+            assert tokens(response.json()) == expected, (case["name"], i)
+
+
 def test_interchange_in_a_burst_with_plain_and_steered(tiny):
     """Every family and pair at once, beside plain requests and a LoReFT on every token of layer 0."""
     client, proc = tiny

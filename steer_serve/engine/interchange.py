@@ -116,6 +116,10 @@ class InterchangeState:
                       for site, parts in wanted.items()}
         self._project = {site: _stacked(parts) for site, parts in projected.items()}
 
+    def touches(self, site: Site) -> bool:
+        """Whether this step adds source rows at ``site``."""
+        return site in self._step
+
     def add(self, site: Site, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens`` (``[step tokens, width]``, already edited at ``site``) plus this step's source rows there."""
         if site not in self._step:

@@ -61,8 +61,9 @@ class LayerSteering:
         return tables
 
     def hooked(self, component: str) -> bool:
-        """Whether an intervention of this step touches ``component`` of this layer."""
-        return self.step_state.is_active(self.layer_idx, component)
+        """Whether an intervention or an interchange source term of this step touches ``component`` of this layer."""
+        return (self.step_state.is_active(self.layer_idx, component)
+                or self.interchange_state.touches((self.layer_idx, component)))
 
     def capturing(self, component: str) -> bool:
         """Whether a request of this step records ``component`` of this layer."""
@@ -87,7 +88,9 @@ class LayerSteering:
         shard = tokens.shape[-1]
         if shard != width:
             tokens = gather_tensor_parallel_columns(tokens, width)
-        edited = apply_interventions(tokens, plan.slots, plan.coef, self.slot_tables(component), plan=plan)
+        edited = tokens
+        if self.step_state.is_active(self.layer_idx, component):   # else only source terms (interchange subspaces)
+            edited = apply_interventions(tokens, plan.slots, plan.coef, self.slot_tables(component), plan=plan)
         edited = self.interchange_state.add((self.layer_idx, component), edited)   # per-request source rows
         if shard != width:
             rank = tensor_parallel_rank()
