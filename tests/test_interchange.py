@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 
 import httpx
 import pytest
@@ -79,6 +80,30 @@ def test_leading_subspaces_equal_pyvene_interchange_dim(tiny):
             got = torch.tensor(list(top.values()))
             assert (got - first[f"{case['name']}.{i}.logprobs"][:5]).abs().max() < 1e-4, (case["name"], i, got)
             assert tokens(response.json()) == expected, (case["name"], i)
+
+
+def test_a_saved_subspace_partition_groups_the_subspaces(tiny, intervention_dir):
+    """pyvene's ``subspace_partition`` (here written into the rotated space's saved config, as pyvene saves a
+    representation's) makes ``subspaces`` name its groups: groups 0 and 1 = the 16 dimensions pyvene swapped."""
+    client, _ = tiny
+    target = intervention_dir / "rotated-partitioned"
+    if not target.exists():
+        shutil.copytree(DATA / "rotated_space", target)
+        config = json.loads((target / "config.json").read_text())
+        config["representations"][0][7] = [[0, 8], [8, 16], [16, 128]]
+        (target / "config.json").write_text(json.dumps(config))
+    response = client.post("/v1/interventions", json={"id": "rotated-partitioned", "source": str(target)})
+    assert response.status_code in (201, 409), response.text
+    case = next(c for c in DOC["cases"] if c["name"] == "rotated_space")
+    for i, (pair, expected) in enumerate(zip(DOC["pairs"], case["steered_ids"])):
+        body = _request("rotated-partitioned", pair)
+        body["interventions"][0]["subspaces"] = [1, 0]
+        response = client.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        assert tokens(response.json()) == expected, i
+    body["interventions"][0]["subspaces"] = [3]
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "interventions[0].subspaces"
 
 
 def test_interchange_in_a_burst_with_plain_and_steered(tiny):

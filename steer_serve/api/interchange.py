@@ -64,13 +64,20 @@ def subspace_axes(edit: Edit, subspaces: list[int], index: int) -> torch.Tensor:
     axes = family.subspace_axes(edit.params)
     if not subspaces:
         raise APIError(400, f"{param} is empty: list the dimensions to interchange", code="invalid_value", param=param)
-    if len(set(subspaces)) != len(subspaces):
-        raise APIError(400, f"{param} repeats a dimension", code="invalid_value", param=param)
-    bad = [i for i in subspaces if not 0 <= i < axes.shape[1]]
+    partition = edit.config.get("subspace_partition")
+    count, what = (len(partition), "groups of its saved subspace_partition") if partition else (axes.shape[1],
+                                                                                                "dimensions")
+    bad = [i for i in subspaces if not 0 <= i < count]
     if bad:
-        raise APIError(400, f"{param}: {bad[0]} is out of range: {edit.family} has dimensions 0..{axes.shape[1] - 1}",
+        raise APIError(400, f"{param}: {bad[0]} is out of range: {edit.family} has {what} 0..{count - 1}",
                        code="invalid_value", param=param)
-    return axes[:, subspaces].contiguous()
+    dims = [d for i in subspaces for d in partition[i]] if partition else subspaces
+    if len(set(dims)) != len(dims):
+        raise APIError(400, f"{param} repeats a dimension", code="invalid_value", param=param)
+    if not all(0 <= d < axes.shape[1] for d in dims):
+        raise APIError(400, f"{param}: the saved subspace_partition names dimensions past {edit.family}'s "
+                            f"{axes.shape[1]}", code="invalid_value", param=param)
+    return axes[:, dims].contiguous()
 
 
 def subspace_term(edit: Edit, axes: torch.Tensor, sources: torch.Tensor, scale: float, positions: str) -> SourceTerm:
