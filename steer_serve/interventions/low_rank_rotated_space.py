@@ -1,7 +1,7 @@
 """pyvene ``LowRankRotatedSpaceIntervention`` with a stored source: ``h + (s R − h R) Rᵀ``.
 
 Parameters: ``rotate_layer`` R d×r (orthonormal columns, resolved), ``source`` s d. pyvene's
-per-example ``subspaces`` selection is a training-time feature and is not supported.
+``subspaces`` pick columns of R (``subspace_axes``; served per request, see ``api/interchange.py``).
 """
 from __future__ import annotations
 

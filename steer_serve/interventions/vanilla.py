@@ -3,6 +3,7 @@
 Parameters: ``source`` s d (a stored source, or the source run of each request: see the API's
 interchange). Config: ``interchange_dim`` k (default d: the whole representation is copied).
 Low-rank form: ``z`` = 1 and ``v`` = s on the first k columns, so ``h − h ⊙ z + v`` takes them from s.
+pyvene's ``subspaces`` pick the copied dims instead of the first k (``subspace_axes``: the identity).
 """
 from __future__ import annotations
 
