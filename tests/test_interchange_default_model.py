@@ -9,7 +9,6 @@ import json
 import shutil
 
 import httpx
-import pytest
 import torch
 from safetensors.torch import load_file
 
