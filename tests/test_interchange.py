@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 
 import httpx
 import pytest
@@ -63,6 +64,48 @@ def test_interchange_equals_pyvene(tiny):
             assert tokens(response.json()) == expected, (case["name"], i)
 
 
+def test_leading_subspaces_equal_pyvene_interchange_dim(tiny):
+    """``subspaces`` = the first ``interchange_dim`` dimensions (all r of a low-rank rotation) is the same swap in
+    pyvene: these requests skip the slot (their term carries the axes) and still give pyvene's tokens and first step."""
+    client, _ = tiny
+    first = load_file(str(DATA / "first_step.safetensors"))
+    dims = {"vanilla": 64, "rotated_space": 16, "low_rank_rotated_space": 48}
+    for case in (c for c in DOC["cases"] if c["name"] in dims):
+        for i, (pair, expected) in enumerate(zip(DOC["pairs"], case["steered_ids"])):
+            body = _request(case["name"], pair, logprobs=5, return_tokens_as_token_ids=True)
+            body["interventions"][0]["subspaces"] = list(range(dims[case["name"]]))
+            response = client.post("/v1/completions", json=body)
+            assert response.status_code == 200, response.text
+            top = response.json()["choices"][0]["logprobs"]["top_logprobs"][0]
+            got = torch.tensor(list(top.values()))
+            assert (got - first[f"{case['name']}.{i}.logprobs"][:5]).abs().max() < 1e-4, (case["name"], i, got)
+            assert tokens(response.json()) == expected, (case["name"], i)
+
+
+def test_a_saved_subspace_partition_groups_the_subspaces(tiny, intervention_dir):
+    """pyvene's ``subspace_partition`` (here written into the rotated space's saved config, as pyvene saves a
+    representation's) makes ``subspaces`` name its groups: groups 0 and 1 = the 16 dimensions pyvene swapped."""
+    client, _ = tiny
+    target = intervention_dir / "rotated-partitioned"
+    if not target.exists():
+        shutil.copytree(DATA / "rotated_space", target)
+        config = json.loads((target / "config.json").read_text())
+        config["representations"][0][7] = [[0, 8], [8, 16], [16, 128]]
+        (target / "config.json").write_text(json.dumps(config))
+    response = client.post("/v1/interventions", json={"id": "rotated-partitioned", "source": str(target)})
+    assert response.status_code in (201, 409), response.text
+    case = next(c for c in DOC["cases"] if c["name"] == "rotated_space")
+    for i, (pair, expected) in enumerate(zip(DOC["pairs"], case["steered_ids"])):
+        body = _request("rotated-partitioned", pair)
+        body["interventions"][0]["subspaces"] = [1, 0]
+        response = client.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        assert tokens(response.json()) == expected, i
+    body["interventions"][0]["subspaces"] = [3]
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "interventions[0].subspaces"
+
+
 def test_interchange_in_a_burst_with_plain_and_steered(tiny):
     """Every family and pair at once, beside plain requests and a LoReFT on every token of layer 0."""
     client, proc = tiny
@@ -95,6 +138,9 @@ def _tiny_loreft():
     return Intervention(iv.edits, 128, positions="all")
 
 
+_SOURCED = {"id": "rotated_space", "positions": "l1", "source": {"prompt": [5, 6, 7, 8], "positions": "l1"}}
+
+
 @pytest.mark.parametrize("ref,param", [
     ({"id": "rotated_space", "positions": "l1"}, "interventions[0].source"),
     ({"id": "rotated_space", "positions": "l2", "source": {"prompt": [5, 6, 7, 8], "positions": "l1"}},
@@ -106,12 +152,28 @@ def _tiny_loreft():
     ({"id": "rotated_space", "positions": "l1", "source": {"prompt": list(range(600, 1200)), "positions": "l1"}},
      "interventions[0].source.prompt"),
     ({"id": "tiny-loreft", "source": {"prompt": [5, 6, 7, 8], "positions": "l1"}}, "interventions[0].source"),
+    ({"id": "rotated_space", "positions": "l1", "subspaces": [0]}, "interventions[0].subspaces"),
+    ({**_SOURCED, "id": "boundless_rotated_space", "subspaces": [0]}, "interventions[0].subspaces"),
+    ({**_SOURCED, "subspaces": []}, "interventions[0].subspaces"),
+    ({**_SOURCED, "subspaces": [3, 1, 3]}, "interventions[0].subspaces"),
+    ({**_SOURCED, "subspaces": [128]}, "interventions[0].subspaces"),
+    ({**_SOURCED, "id": "low_rank_rotated_space", "subspaces": [48]}, "interventions[0].subspaces"),
+    ({**_SOURCED, "id": "vanilla", "subspaces": [-1]}, "interventions[0].subspaces"),
 ])
 def test_interchange_refusals(tiny, ref, param):
     client, _ = tiny
     response = client.post("/v1/completions", json={"prompt": [5, 6, 7, 8, 9], "max_tokens": 1, "interventions": [ref]})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param, response.text
+
+
+@pytest.mark.parametrize("subspaces", [[0.5], [True], "0"])
+def test_subspaces_must_be_integers(tiny, subspaces):
+    client, _ = tiny
+    ref = {**_SOURCED, "subspaces": subspaces}
+    response = client.post("/v1/completions", json={"prompt": [5, 6, 7, 8, 9], "max_tokens": 1, "interventions": [ref]})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"].replace("[", ".").replace("]", "").startswith("interventions.0.subspaces")
 
 
 def test_a_chat_form_source_is_its_chat_template_rendering(small_server, intervention_dir, tiny):

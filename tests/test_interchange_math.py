@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from steer_serve.api.interchange import source_rows
+from steer_serve.api.interchange import source_rows, subspace_axes, subspace_term
 from steer_serve.engine.interchange import InterchangeState, SourceTerm, from_extra_args, to_extra_args
 from steer_serve.interventions import apply_edit_lowrank, edit_config, get_family
 from steer_serve.interventions.base import Edit, Placement
@@ -67,3 +67,26 @@ def test_rows_reach_their_positions_however_the_prompt_is_chunked():
         assert torch.equal(state.add((2, "block_output"), torch.zeros(2 + n, 4)), torch.zeros(2 + n, 4))
     assert sorted(seen) == [7, 8, 9]
     assert all(torch.equal(seen[7 + i], rows[i]) for i in range(3))
+
+
+def test_subspace_terms_swap_the_selected_axes_per_request():
+    """Two requests at one site with different ``subspaces`` (vanilla: original axes; rotated space: rotated ones),
+    batched in one step: each base position gets ``swap_S(h B, s B)`` in that basis, h elsewhere (vanilla exactly)."""
+    gen = torch.Generator().manual_seed(3)
+    rotation = _rotation(gen)
+    edits = {"a": Edit("vanilla", Placement(1, "block_output"), {"source": torch.zeros(D)}),
+             "b": Edit("rotated_space", Placement(1, "block_output"), {"rotate_layer": rotation, "source": torch.zeros(D)})}
+    chosen = {"a": [7, 0, 30], "b": [2, 11, 5, 19, 23]}
+    sources = {r: torch.randn(2, D, generator=gen) for r in edits}
+    args = {r: to_extra_args([subspace_term(edits[r], subspace_axes(edits[r], chosen[r], 0), sources[r], 1.0, "l2")])
+            for r in edits}
+    h = torch.randn(8, D, generator=gen)
+    state = InterchangeState()
+    state.prepare(["a", "b"], np.array([4, 4]), np.array([0, 0]), np.array([4, 4]), args.get, live_req_ids={"a", "b"})
+    out = state.add((1, "block_output"), h.clone())
+    vanilla = h[2:4].clone()
+    vanilla[:, chosen["a"]] = sources["a"][:, chosen["a"]]
+    assert torch.equal(out[2:4], vanilla) and torch.equal(out[:2], h[:2]) and torch.equal(out[4:6], h[4:6])
+    rotated = h[6:8] @ rotation
+    rotated[:, chosen["b"]] = (sources["b"] @ rotation)[:, chosen["b"]]
+    assert (out[6:8] - rotated @ rotation.T).abs().max() < 1e-5

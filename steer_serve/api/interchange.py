@@ -10,11 +10,18 @@ g(s) − g(s₀)`` with ``g`` the source's share of the low-rank form (``act(b)U
 the slot keeps ``f(h; s₀)`` (s₀: the stored source, or zero for a DAS saved without one), and the
 rows ``scale · (g(sᵢ) − g(s₀))`` go to the worker (``engine/interchange.py``), which adds them after
 the site's kernel call. So an interchange must be the last intervention of a request at its site.
+
+``"subspaces": [i, …]`` on the entry is pyvene's ``subspaces`` for the unit: the coordinates of the
+family's space (the original basis for vanilla/addition/subtraction, the rotated one for rotated and
+low-rank rotated spaces) that are interchanged instead of the first ``interchange_dim``. The slot is not
+used then: with B the selected axes, the term's rows are ``scale · (sᵢ B) Bᵀ`` and the worker first takes
+``scale · (h B) Bᵀ`` off h (interchange only), so ``h + scale · (sᵢ B − h B) Bᵀ`` as pyvene swaps them.
 """
 from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import NamedTuple
 
 import torch
 
@@ -43,6 +50,43 @@ def source_rows(edit: Edit, sources: torch.Tensor, scale: float) -> torch.Tensor
     stored = _source_share(family.to_lowrank(edit.params, config))
     rows = [_source_share(family.to_lowrank({**edit.params, "source": s}, config)) - stored for s in sources]
     return scale * torch.stack(rows)
+
+
+def subspace_axes(edit: Edit, subspaces: list[int], index: int) -> torch.Tensor:
+    """The axes (``[width, len(subspaces)]``) pyvene's ``subspaces`` select for ``edit``; 400s naming the field
+    for a family pyvene ignores them on, an empty list, or an index repeated or out of range."""
+    param = f"interventions[{index}].subspaces"
+    family = get_family(edit.family)
+    if family.subspace_mode is None:
+        raise APIError(400, f"{param}: pyvene ignores subspaces on {edit.family} (only vanilla, rotated_space, "
+                            "low_rank_rotated_space, addition and subtraction take them)", code="unsupported_value",
+                       param=param)
+    axes = family.subspace_axes(edit.params)
+    if not subspaces:
+        raise APIError(400, f"{param} is empty: list the dimensions to interchange", code="invalid_value", param=param)
+    partition = edit.config.get("subspace_partition")
+    count, what = (len(partition), "groups of its saved subspace_partition") if partition else (axes.shape[1],
+                                                                                                "dimensions")
+    bad = [i for i in subspaces if not 0 <= i < count]
+    if bad:
+        raise APIError(400, f"{param}: {bad[0]} is out of range: {edit.family} has {what} 0..{count - 1}",
+                       code="invalid_value", param=param)
+    dims = [d for i in subspaces for d in partition[i]] if partition else subspaces
+    if len(set(dims)) != len(dims):
+        raise APIError(400, f"{param} repeats a dimension", code="invalid_value", param=param)
+    if not all(0 <= d < axes.shape[1] for d in dims):
+        raise APIError(400, f"{param}: the saved subspace_partition names dimensions past {edit.family}'s "
+                            f"{axes.shape[1]}", code="invalid_value", param=param)
+    return axes[:, dims].contiguous()
+
+
+def subspace_term(edit: Edit, axes: torch.Tensor, sources: torch.Tensor, scale: float, positions: str) -> SourceTerm:
+    """The term of a request with ``subspaces`` (see the module docstring)."""
+    mode = get_family(edit.family).subspace_mode
+    sign = -1.0 if mode == "subtract" else 1.0
+    rows = (sources.to(torch.float32) @ axes) @ axes.T
+    return SourceTerm(edit.placement.layer, edit.placement.component, positions, scale * sign * rows,
+                      axes if mode == "interchange" else None, scale)
 
 
 def _count(positions: str, param: str) -> int:
@@ -100,10 +144,21 @@ def render_chat(engine, messages: list[dict], param: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-async def source_terms(engine, plans: list[tuple[int, Edit, object, float, str]]) -> list[SourceTerm]:
-    """Run every source (concurrently) and turn each into the rows its base positions get.
-    ``plans``: (index in ``interventions``, edit, the ref's source, scale, base positions)."""
-    async def one(index, edit, source, scale, base_positions):
+class Plan(NamedTuple):
+    """One interchange of a request: its index in ``interventions``, edit, source, scale, base positions, and the
+    axes of its ``subspaces`` (None without)."""
+
+    index: int
+    edit: Edit
+    source: object
+    scale: float
+    positions: str
+    axes: torch.Tensor | None
+
+
+async def source_terms(engine, plans: list[Plan]) -> list[SourceTerm]:
+    """Run every source (concurrently) and turn each into the term its base positions get."""
+    async def one(index, edit, source, scale, base_positions, axes):
         param = f"interventions[{index}].source"
         wanted = _count(source.positions, f"{param}.positions")
         if wanted != _count(base_positions, f"interventions[{index}].positions"):
@@ -122,6 +177,8 @@ async def source_terms(engine, plans: list[tuple[int, Edit, object, float, str]]
             raise APIError(400, f"{param}.prompt has {len(positions)} of the {wanted} positions {source.positions!r} "
                                 "asks for (windows take at most half the prompt)", code="invalid_value",
                            param=f"{param}.prompt")
+        if axes is not None:
+            return subspace_term(edit, axes, rows, scale, base_positions)
         return SourceTerm(*site, base_positions, source_rows(edit, rows, scale))
 
     return list(await asyncio.gather(*(one(*plan) for plan in plans)))

@@ -20,7 +20,7 @@ from fastapi.responses import Response, StreamingResponse
 from steer_serve.api import openapi_docs as docs
 from steer_serve.api.capture import capture_salt, fetch_captures, plan_capture, with_choice_field
 from steer_serve.api.condition import condition_salt, plan_condition
-from steer_serve.api.interchange import check_site_order, interchange_edit, source_terms
+from steer_serve.api.interchange import Plan, check_site_order, interchange_edit, source_terms, subspace_axes
 from steer_serve.api import vllm_frontend as vllm
 from steer_serve.api.auth import require_api_key
 from steer_serve.api.errors import APIError
@@ -81,27 +81,35 @@ async def resolve_interventions(body, state) -> list[tuple[str, float | None, st
     return requested
 
 
-async def interchange_plans(body, state, requested) -> list[tuple]:
-    """For each requested intervention given a ``source``: (its index in ``interventions``, its edit, the source,
-    scale, base positions); 400s for a source on what is no interchange, a missing one, or a later edit at its site."""
+async def interchange_plans(body, state, requested) -> tuple[list[Plan], list]:
+    """A :class:`Plan` for each requested intervention given a ``source``, and the requested columns that take a
+    slot (all but those with ``subspaces``, whose term carries the whole edit); 400s for a source on what is no
+    interchange, a missing one, ``subspaces`` without a source or out of range, or a later edit at its site."""
     state.registry.require_steerable([ident for ident, _, _ in requested])
     refs = body.interventions or []
     offset = len(requested) - len(refs)
-    columns, plans = [], []
+    columns, plans, slotted = [], [], []
     for j, (ident, scale, positions) in enumerate(requested):
         entry = await state.registry.resolve(ident)
         index = j - offset
         source = refs[index].source if index >= 0 else None
+        subspaces = refs[index].subspaces if index >= 0 else None
+        if subspaces is not None and source is None:
+            raise APIError(400, f"interventions[{index}].subspaces select what an interchange takes from its source: "
+                                "give `source` too", code="invalid_value", param=f"interventions[{index}].subspaces")
         edit = interchange_edit(entry, index, source is not None)
         columns.append((entry, edit))
+        axes = subspace_axes(edit, subspaces, index) if subspaces is not None else None
         if edit is not None:
-            plans.append((index, edit, source, entry.scale if scale is None else float(scale),
-                          entry.positions if positions is None else positions))
+            plans.append(Plan(index, edit, source, entry.scale if scale is None else float(scale),
+                              entry.positions if positions is None else positions, axes))
+        if axes is None:
+            slotted.append((ident, scale, positions))
     check_site_order(columns)
     if plans and getattr(body, "use_beam_search", False):
         raise APIError(400, "an interchange source is not served with beam search", code="unsupported_value",
                        param="interventions")
-    return plans
+    return plans, slotted
 
 
 def _requested_max_tokens(body, kind: str) -> tuple[str, int | None]:
@@ -211,7 +219,7 @@ async def _steered(request: Request, body, kind: str) -> Response:
                            "with `capture`", code="invalid_value", param="vllm_xargs")
     requested = await resolve_interventions(body, state)
     capture = plan_capture(body, kind, state)
-    plans = await interchange_plans(body, state, requested)
+    plans, slotted = await interchange_plans(body, state, requested)
     condition = await plan_condition(body, kind, state, requested)
     _apply_token_limit(body, kind, state.max_tokens_limit)
     labels = [i for i, _, _ in requested] or ["none"]
@@ -248,7 +256,7 @@ async def _steered(request: Request, body, kind: str) -> Response:
 
     try:
         terms = await source_terms(state.engine, plans) if plans else None
-        lease = await state.registry.acquire(requested) if requested else None
+        lease = await state.registry.acquire(slotted) if slotted else None
         _hand_over(body, lease, request, kind, capture[0] if capture else None, terms, condition)
         state.metrics.request_started(labels)
         response = await state.handlers[kind](body, request)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from steer_serve.interventions.positions import parse_positions
 
@@ -51,6 +51,9 @@ class InterventionRef(BaseModel):
         "f<n>, l<n>, f<n>+l<n>, prompt, generated, all, <i> (prompt index, -1 = last), <a>:<b> (prompt slice), "
         "g<a>:<b> (generated steps)"))
     source: InterchangeSource | None = Field(default=None, description="an interchange intervention's source run")
+    subspaces: list[StrictInt] | None = Field(default=None, max_length=65536, description=(
+        "with `source`: pyvene's `subspaces` for the unit, the dimensions of the intervention's space (rotated for "
+        "rotated spaces) taken from the source instead of the first interchange_dim"))
 
     _positions = field_validator("positions")(_check_positions)
 

@@ -8,6 +8,11 @@ request's extra args as a :class:`SourceTerms`. :meth:`InterchangeState.add` add
 the i-th base position of the request at that site, after the site's kernel call (the API makes
 an interchange the last intervention of a request at its site). Positions are absolute, as
 everywhere, so chunked prefill adds each row to the same token.
+
+pyvene's ``subspaces`` choose which coordinates are interchanged per request, which changes the part of
+the edit that multiplies ``h``: such a request does not use the slot, and its term carries the basis B
+(``[width, m]``, the selected coordinates' axes) with its rows: at its positions ``h ← h − scale · (h B) Bᵀ``
+(before the rows are added), one batched product per site for all such requests of the step.
 """
 from __future__ import annotations
 
@@ -23,24 +28,38 @@ from steer_serve.interventions.positions import Positions, parse_positions
 Site = tuple[int, str]
 
 
+def _encode(t: torch.Tensor) -> dict:
+    return {"shape": list(t.shape), "data": base64.b64encode(t.to(torch.float32).contiguous().numpy().astype("<f4")
+                                                             .tobytes()).decode()}
+
+
+def _decode(data: dict) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(base64.b64decode(data["data"]), dtype="<f4").reshape(data["shape"]).copy())
+
+
 @dataclass(frozen=True)
 class SourceTerm:
-    """Rows ``[k, width]`` (float32) added at the first k ``positions`` of ``(layer, component)``."""
+    """Rows ``[k, width]`` (float32) added at the first k ``positions`` of ``(layer, component)``; with a
+    ``basis`` B, ``scale · (h B) Bᵀ`` is first taken off h there (see the module docstring)."""
 
     layer: int
     component: str
     positions: str
     rows: torch.Tensor
+    basis: torch.Tensor | None = None
+    scale: float = 1.0
 
     def to_json(self) -> dict:
-        data = base64.b64encode(self.rows.to(torch.float32).contiguous().numpy().astype("<f4").tobytes()).decode()
-        return {"layer": self.layer, "component": self.component, "positions": self.positions,
-                "shape": list(self.rows.shape), "data": data}
+        out = {"layer": self.layer, "component": self.component, "positions": self.positions, **_encode(self.rows)}
+        if self.basis is not None:
+            out.update(basis=_encode(self.basis), scale=self.scale)
+        return out
 
     @classmethod
     def from_json(cls, data: dict) -> "SourceTerm":
-        rows = np.frombuffer(base64.b64decode(data["data"]), dtype="<f4").reshape(data["shape"])
-        return cls(int(data["layer"]), str(data["component"]), str(data["positions"]), torch.from_numpy(rows.copy()))
+        basis = _decode(data["basis"]) if "basis" in data else None
+        return cls(int(data["layer"]), str(data["component"]), str(data["positions"]), _decode(data),
+                   basis, float(data.get("scale", 1.0)))
 
 
 EXTRA_ARGS_KEY = "steer_interchange"
@@ -58,12 +77,13 @@ class InterchangeState:
     """The source terms of the requests in flight, and this step's rows to add per site."""
 
     def __init__(self):
-        self._terms: dict[str, list[tuple[Site, Positions, torch.Tensor]]] = {}   # engine request id -> terms
+        self._terms: dict[str, list[tuple[Site, Positions, SourceTerm]]] = {}     # engine request id -> terms
         self._step: dict[Site, tuple[torch.Tensor, torch.Tensor]] = {}             # site -> (token index, rows)
+        self._project: dict[Site, tuple[torch.Tensor, ...]] = {}                   # site -> (token index, scale·B, B)
 
     def _parse(self, req_id: str, extra_args_of: Callable[[str], dict | None]):
         if req_id not in self._terms:
-            self._terms[req_id] = [((t.layer, t.component), parse_positions(t.positions), t.rows)
+            self._terms[req_id] = [((t.layer, t.component), parse_positions(t.positions), t)
                                    for t in from_extra_args(extra_args_of(req_id))]
         return self._terms[req_id]
 
@@ -74,6 +94,7 @@ class InterchangeState:
         if len(self._terms) > 2 * len(live_req_ids) + 64:
             self._terms = {r: t for r, t in self._terms.items() if r in live_req_ids}
         wanted: dict[Site, list[tuple[np.ndarray, torch.Tensor]]] = {}
+        projected: dict[Site, list[tuple[np.ndarray, SourceTerm]]] = {}
         offset = 0
         for i, req_id in enumerate(req_ids):
             n = int(num_scheduled[i])
@@ -81,20 +102,42 @@ class InterchangeState:
             if terms:
                 computed, prompt = int(num_computed[i]), int(num_prompt[i])
                 chunk = np.arange(computed, computed + n, dtype=np.int64)
-                for site, spec, rows in terms:
+                for site, spec, term in terms:
                     every = np.flatnonzero(spec.mask(np.arange(max(prompt, computed + n)), prompt))
                     ordinal = np.searchsorted(every, chunk[spec.mask(chunk, prompt)])
-                    ordinal = ordinal[ordinal < rows.shape[0]]
+                    ordinal = ordinal[ordinal < term.rows.shape[0]]
                     if ordinal.size:
-                        wanted.setdefault(site, []).append((every[ordinal] - computed + offset,
-                                                            rows[torch.from_numpy(ordinal)]))
+                        index = every[ordinal] - computed + offset
+                        wanted.setdefault(site, []).append((index, term.rows[torch.from_numpy(ordinal)]))
+                        if term.basis is not None:
+                            projected.setdefault(site, []).append((index, term))
             offset += n
         self._step = {site: (torch.from_numpy(np.concatenate([t for t, _ in parts])), torch.cat([r for _, r in parts]))
                       for site, parts in wanted.items()}
+        self._project = {site: _stacked(parts) for site, parts in projected.items()}
+
+    def touches(self, site: Site) -> bool:
+        """Whether this step adds source rows at ``site``."""
+        return site in self._step
 
     def add(self, site: Site, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens`` (``[step tokens, width]``, already edited at ``site``) plus this step's source rows there."""
         if site not in self._step:
             return tokens
+        if site in self._project:
+            index, scaled, basis = (t.to(tokens.device) for t in self._project[site])
+            h = tokens[index].to(torch.float32).unsqueeze(1)
+            taken = torch.bmm(torch.bmm(h, basis), scaled.transpose(1, 2)).squeeze(1)
+            tokens = tokens.index_add(0, index, -taken.to(tokens.dtype))
         index, rows = self._step[site]
         return tokens.index_add(0, index.to(tokens.device), rows.to(tokens.device, tokens.dtype))
+
+
+def _stacked(parts: list[tuple[np.ndarray, SourceTerm]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token index ``[T]``, ``scale · B`` and B per token ``[T, width, m]`` (bases zero-padded to one m)."""
+    m = max(term.basis.shape[1] for _, term in parts)
+    bases = [torch.nn.functional.pad(term.basis, (0, m - term.basis.shape[1])).expand(len(index), -1, -1)
+             for index, term in parts]
+    scales = torch.cat([torch.full((len(index), 1, 1), term.scale) for index, term in parts])
+    basis = torch.cat(bases)
+    return torch.from_numpy(np.concatenate([index for index, _ in parts])), scales * basis, basis

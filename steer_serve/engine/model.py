@@ -64,8 +64,9 @@ class LayerSteering:
         return tables
 
     def hooked(self, component: str) -> bool:
-        """Whether an intervention of this step touches ``component`` of this layer."""
-        return self.step_state.is_active(self.layer_idx, component)
+        """Whether an intervention or an interchange source term of this step touches ``component`` of this layer."""
+        return (self.step_state.is_active(self.layer_idx, component)
+                or self.interchange_state.touches((self.layer_idx, component)))
 
     def capturing(self, component: str) -> bool:
         """Whether a request of this step records ``component`` of this layer, or sums its prompt there for a condition."""
@@ -99,7 +100,9 @@ class LayerSteering:
         gating = self.condition_state.gating()
         if gating:   # the rows of conditional requests' generated tokens, before their edits
             before = tokens.index_select(0, self.condition_state.gate_index(tokens.device))
-        edited = apply_interventions(tokens, plan.slots, plan.coef, self.slot_tables(component), plan=plan)
+        edited = tokens
+        if self.step_state.is_active(self.layer_idx, component):   # else only source terms (interchange subspaces)
+            edited = apply_interventions(tokens, plan.slots, plan.coef, self.slot_tables(component), plan=plan)
         edited = self.interchange_state.add((self.layer_idx, component), edited)   # per-request source rows
         if gating:
             edited = self.condition_state.gate(before, edited)

@@ -6,7 +6,9 @@ pyreft saves through the same code, so this module holds the shared reader and
 * ``config.json``: ``representations`` (pyvene ``RepresentationConfig`` tuples, written as JSON
   lists or dicts: layer, component, unit, max_number_of_units, low_rank_dimension, ...),
   ``intervention_types`` (``"<class 'pyreft.interventions.LoreftIntervention'>"``),
-  ``intervention_dimensions`` (each intervention's ``interchange_dim``) and ``sorted_keys``.
+  ``intervention_dimensions`` (each intervention's ``interchange_dim``) and ``sorted_keys``. A
+  representation's ``subspace_partition`` is kept, expanded as pyvene expands it, in the edit's config:
+  a request's ``subspaces`` then index its groups, as they do in pyvene.
 * ``intkey_<key>.bin`` per intervention (``torch.save`` of its ``state_dict``), absent for
   interventions with nothing to save (``ZeroIntervention``). Keys are
   ``layer_<L>_comp_<component>_unit_<unit>_nunit_<n>#<i>`` since pyvene 0.1.8 and
@@ -43,7 +45,8 @@ from .sources import read_json, safe_torch_load
 
 _NEW_KEY = re.compile(r"^layer_(?P<layer>\d+)_comp_(?P<comp>.+?)_unit_(?P<unit>.+)_nunit_(?P<n>\d+)#(?P<i>\d+)$")
 _OLD_KEY = re.compile(r"^layer\.(?P<layer>\d+)\.comp\.(?P<comp>.+?)\.unit\.(?P<unit>.+)\.nunit\.(?P<n>\d+)#(?P<i>\d+)$")
-_REPR_FIELDS = ("layer", "component", "unit", "max_number_of_units", "low_rank_dimension")
+_REPR_FIELDS = ("layer", "component", "unit", "max_number_of_units", "low_rank_dimension", "intervention_type",
+                "intervention", "subspace_partition")
 
 #: State-dict entries that describe, rather than parametrize, an intervention.
 _BOOKKEEPING = ("embed_dim", "interchange_dim")
@@ -249,6 +252,8 @@ def read_intervention_dir(path: str | os.PathLike, *, source_format: str, positi
                       param="config.json")
             if dims[i] != width:
                 config["interchange_dim"] = dims[i]
+        if rep.get("subspace_partition") is not None:
+            config["subspace_partition"] = _partition(rep["subspace_partition"], fam, i)
         if "width" in fam.saved_config:
             config["width"] = width
         component_width, placement_head = width, None
@@ -273,6 +278,18 @@ def read_intervention_dir(path: str | os.PathLike, *, source_format: str, positi
         edits.append(edit)
         edit_widths.append(component_width)
     return _with_widths(edits, edit_widths, hidden_size, positions, source_format)
+
+
+def _partition(partition, family: Family, i: int) -> list[list[int]]:
+    """pyvene's expansion of ``subspace_partition``: a pair of integers ``[a, b]`` is ``range(a, b)``, any other
+    group lists its dimensions."""
+    param = f"representations[{i}].subspace_partition"
+    if family.subspace_mode is None:
+        _fail(f"config.json: {param} is set, but pyvene ignores subspaces on {family.name}", param=param)
+    if not isinstance(partition, list) or not all(isinstance(g, list) and g and all(type(d) is int for d in g)
+                                                  for g in partition):
+        _fail(f"config.json: {param} must list groups of integer dimensions", param=param)
+    return [list(range(g[0], g[1])) if len(g) == 2 else g for g in partition]
 
 
 def _with_widths(edits: list[Edit], edit_widths: list[int], hidden_size: int | None, positions: str,

@@ -87,6 +87,9 @@ class Family:
     #: Config the reader fills from the save: ``act_fn`` (pyreft does not store it: the caller says
     #: it), ``interchange_dim`` (pyvene's ``intervention_dimensions``), ``width`` (no tensor tells it).
     saved_config: tuple[str, ...] = ()
+    #: pyvene's ``subspaces`` on this family: ``"interchange"`` (the selected coordinates of h are replaced by
+    #: the source's), ``"add"``/``"subtract"`` (the source's are added/subtracted), None (pyvene ignores them).
+    subspace_mode: str | None = None
 
     def check(self, params: dict[str, torch.Tensor], config: dict, width: int) -> None:
         """Validate shapes/hyper-parameters for an edit of ``width`` columns (ValueError if wrong)."""
@@ -101,6 +104,11 @@ class Family:
 
     def lowrank(self, params: dict[str, torch.Tensor], config: dict) -> LowRankEdit:
         """The generic low-rank form over the edit's own width (float32 tensors)."""
+        raise NotImplementedError
+
+    def subspace_axes(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[width, m]`` float32: column j is the coordinate pyvene's ``subspaces`` index j selects (the
+        identity for the original basis, the rotation for a rotated space). Only when ``subspace_mode`` is set."""
         raise NotImplementedError
 
     # -- public API ---------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """pyvene ``LowRankRotatedSpaceIntervention`` with a stored source: ``h + (s R − h R) Rᵀ``.
 
 Parameters: ``rotate_layer`` R d×r (orthonormal columns, resolved), ``source`` s d. pyvene's
-per-example ``subspaces`` selection is a training-time feature and is not supported.
+``subspaces`` pick columns of R (``subspace_axes``; served per request, see ``api/interchange.py``).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ class LowRankRotatedSpace(Family):
     required = ("rotate_layer", "source")
     library_classes = ("LowRankRotatedSpaceIntervention",)
     saved = {"rotate_layer": ROTATION, "source": SOURCE}
+    subspace_mode = "interchange"
 
     def check(self, params, config, width):
         rank = params["rotate_layer"].shape[-1]
@@ -32,6 +33,9 @@ class LowRankRotatedSpace(Family):
     def lowrank(self, params, config):
         R = f32(params["rotate_layer"])
         return LowRankEdit(b=f32(params["source"]) @ R, P=R, U=R)
+
+    def subspace_axes(self, params):
+        return f32(params["rotate_layer"])
 
 
 FAMILY = LowRankRotatedSpace()

@@ -7,7 +7,8 @@ resolved), ``source`` s d. Config: ``interchange_dim`` k (default d).
 Low-rank form, rank k instead of pyvene's d (DAS subspaces are small), using R Rᵀ = I:
 ``delta = (s R_k − h R_k) R_kᵀ`` with R_k the first k columns. R is orthogonal to float
 precision only, so this differs from pyvene by about ``|h|·‖R Rᵀ − I‖`` (~1e-6 for d = 64).
-For k = d the output no longer depends on h: ``z = 1``, ``v = (s R) Rᵀ``.
+For k = d the output no longer depends on h: ``z = 1``, ``v = (s R) Rᵀ``. pyvene's ``subspaces`` pick
+rotated coordinates instead of the first k (``subspace_axes``: R's columns; see ``api/interchange.py``).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class RotatedSpace(Family):
     library_classes = ("RotatedSpaceIntervention",)
     saved = {"rotate_layer": ROTATION, "source": SOURCE}
     saved_config = ("interchange_dim",)
+    subspace_mode = "interchange"
 
     def check(self, params, config, width):
         expect_shape(self.name, params, "rotate_layer", (width, width))
@@ -46,6 +48,9 @@ class RotatedSpace(Family):
             return LowRankEdit(v=rotated_source @ R.T, z=torch.ones(width))
         Rk = R[:, :k]
         return LowRankEdit(b=rotated_source[:k], P=Rk, U=Rk)
+
+    def subspace_axes(self, params):
+        return f32(params["rotate_layer"])
 
 
 FAMILY = RotatedSpace()

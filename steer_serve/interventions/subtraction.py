@@ -11,6 +11,7 @@ class Subtraction(Addition):
     name = "subtraction"
     library_classes = ("SubtractionIntervention",)
     sign = -1.0
+    subspace_mode = "subtract"
 
 
 FAMILY = Subtraction()

@@ -3,6 +3,7 @@
 Parameters: ``source`` s d (a stored source, or the source run of each request: see the API's
 interchange). Config: ``interchange_dim`` k (default d: the whole representation is copied).
 Low-rank form: ``z`` = 1 and ``v`` = s on the first k columns, so ``h − h ⊙ z + v`` takes them from s.
+pyvene's ``subspaces`` pick the copied dims instead of the first k (``subspace_axes``: the identity).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ class Vanilla(Family):
     library_classes = ("VanillaIntervention",)
     saved = {"source": SOURCE}
     saved_config = ("interchange_dim",)
+    subspace_mode = "interchange"
 
     def check(self, params, config, width):
         expect_shape(self.name, params, "source", (width,))
@@ -35,6 +37,9 @@ class Vanilla(Family):
         z = torch.zeros_like(source)
         z[:k] = 1.0
         return LowRankEdit(v=source * z, z=z)
+
+    def subspace_axes(self, params):
+        return torch.eye(params["source"].shape[-1])
 
 
 FAMILY = Vanilla()
