@@ -30,7 +30,7 @@ from bench_util import (RESULTS, add_ratios, machine, prompts, random_loreft_nat
 from live_server import FIXTURES_LORA
 from steer_client import Client
 
-FULL = {"batches": [16, 64], "new_tokens": 32, "prompt_len": 16, "k": 8, "rounds": 2}
+FULL = {"batches": [16, 64], "new_tokens": 24, "prompt_len": 16, "k": 8, "rounds": 3}
 QUICK = {"batches": [16, 64], "new_tokens": 8, "prompt_len": 16, "k": 8, "rounds": 1}
 SERVER_ARGS = ["--max-loras", "1", "--max-interventions", "8", "--max-rank", "4"]
 OPS = {"vllm": {"STEER_SERVE_CPU_LORA_OPS": "vllm"}, "grouped": {}}
