@@ -52,7 +52,10 @@ def _lora_product(out: torch.Tensor, inputs: torch.Tensor, weights: torch.Tensor
         if scaling != 1.0:
             part.mul_(scaling)
         if rows is None:
-            out.add_(part) if add else out.copy_(part)
+            if add:
+                out.add_(part)
+            else:
+                out.copy_(part)
         elif add:
             out.index_add_(0, rows, part)
         else:
@@ -64,6 +67,8 @@ def _same_rows(*tensors: torch.Tensor) -> bool:
 
 
 def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0, *, fallback):
+    """``output[:, :r] = scaling · inputs @ A[slot]ᵀ`` per row. ``fallback`` (each op's): vLLM's bgmv op of
+    the same kind, for calls with unequal row counts."""
     if not _same_rows(inputs, output_tensor, lora_indices_tensor):
         return fallback(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling)
     rank = lora_a_weights.shape[-2]
@@ -71,6 +76,7 @@ def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scal
 
 
 def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True, *, fallback):
+    """``output[:, :w] (+)= inputs @ B[slot]ᵀ`` per row, ``w`` the narrower of the two widths."""
     if not _same_rows(inputs, output_tensor, lora_indices_tensor):
         return fallback(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs)
     width = min(lora_b_weights.shape[-2], output_tensor.shape[1])   # adapter and model may pad differently
@@ -80,6 +86,7 @@ def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_
 
 def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int,
                       slice_size: int, add_inputs: bool = True, *, fallback):
+    """``output[:, slice_offset:slice_offset + slice_size] (+)= inputs @ B[slot]ᵀ`` per row."""
     if not _same_rows(inputs, output_tensor, lora_indices_tensor) or lora_b_weights.shape[-2] != slice_size:
         return fallback(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset, slice_size,
                         add_inputs)
@@ -88,6 +95,7 @@ def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor
 
 
 def _per_token(lora_indices_tensor: torch.Tensor, seq_len_tensor: torch.Tensor) -> torch.Tensor:
+    """The prefill (sgmv) ops' one index per sequence, as one per token."""
     return torch.repeat_interleave(lora_indices_tensor, seq_len_tensor)
 
 
