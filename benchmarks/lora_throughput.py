@@ -11,7 +11,7 @@ load changes on a shared machine hit every row alike; both servers get the same 
 the best round; the ratio is to the mean of the two unsteered rows of the same server and batch;
 ``same_tokens_as_vllm_ops`` is the share of requests whose tokens equal the vLLM-ops server's.
 
-    python benchmarks/lora_throughput.py [--quick]
+    python benchmarks/lora_throughput.py [--quick] [--out FILE]
 
 Writes benchmarks/results/lora_throughput[_quick].json and .png.
 """
@@ -89,9 +89,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help=f"small version: {QUICK}")
+    ap.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/lora_throughput*.json)")
     args = ap.parse_args(argv)
     p = dict(QUICK if args.quick else FULL)
-    out = RESULTS / f"lora_throughput{'_quick' if args.quick else ''}.json"
+    out = args.out or RESULTS / f"lora_throughput{'_quick' if args.quick else ''}.json"
     workdir = Path(tempfile.mkdtemp(prefix="lora-throughput-"))
     servers = {}
     try:
