@@ -76,7 +76,7 @@ def test_sgmv_ops_equal_vllm(add):
     """Prefill form: one LoRA index per sequence, sequences of different lengths, 3-dim weights."""
     g = torch.Generator().manual_seed(1)
     seq_idx, seq_len = torch.tensor([1, -1, 0, 1]), torch.tensor([5, 3, 1, 7])
-    tokens, idx = int(seq_len.sum()), torch.repeat_interleave(torch.tensor([1, -1, 0, 1]), seq_len)
+    tokens, idx = int(seq_len.sum()), torch.repeat_interleave(seq_idx, seq_len)
     starts = torch.cumsum(seq_len, 0) - seq_len
     meta = (starts, seq_len, seq_idx, 4, int(seq_len.max()), tokens)
     x = torch.randn(tokens, 32, generator=g)
@@ -95,6 +95,13 @@ def test_sgmv_ops_equal_vllm(add):
         getattr(grouped, op)(h, b, got, *meta, *args, fallback=None)
         getattr(ref, op)(no_lora_zeroed(h, idx), b, want, *meta, *args)
         torch.testing.assert_close(got, want)
+
+
+def test_unequal_row_counts_go_to_vllms_op():
+    calls = []
+    x, a, out = torch.randn(2, 8), torch.randn(1, 4, 8), torch.zeros(2, 4)
+    grouped.bgmv_shrink(x, a, out, torch.zeros(3, dtype=torch.long), 1.0, fallback=lambda *args: calls.append(args))
+    assert len(calls) == 1 and calls[0][0] is x and not out.any()
 
 
 def test_plugin_patch_replaces_the_cpu_punica_ops():
