@@ -118,7 +118,7 @@ def test_token_triggers_chunked_equal_unchunked_and_transformers(clients, hf_mod
 def test_steps_counted_back_from_max_tokens(clients, hf_model, prompt, plain, spec, first, stop):
     """A negative generation-step bound counts back from the request's ``max_tokens`` (12): ``g-4:`` the
     last 4 generated tokens, ``g2:-6`` the third to the sixth; chunked or not, as transformers. Without
-    ``max_tokens`` it is a 400 naming the field."""
+    ``max_tokens`` (a chat request's default) it is a 400 naming the field."""
     big, small, vector = clients
     lo, hi = len(prompt) + first, len(prompt) + (stop if stop is not None else NEW_TOKENS + 1)
     expected = hf_greedy(hf_model, prompt, vector, spec, lambda positions: (positions >= lo) & (positions < hi))
@@ -126,5 +126,5 @@ def test_steps_counted_back_from_max_tokens(clients, hf_model, prompt, plain, sp
     fields = {"interventions": [{"id": "positions-vector", "positions": spec}], "ignore_eos": True}
     assert tokens(complete(big, prompt, NEW_TOKENS, **fields)) == expected
     assert tokens(complete(small, prompt, NEW_TOKENS, **fields)) == expected
-    response = big.post("/v1/completions", json={"prompt": prompt, **fields})
+    response = big.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], **fields})
     assert response.status_code == 400 and response.json()["error"]["param"] == "max_tokens", response.text
