@@ -23,7 +23,7 @@ when the request has finished and reports it in the response.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -80,14 +80,13 @@ class _Accumulator:
     direction: torch.Tensor | None = None
     total: torch.Tensor | None = None
     summed_to: int = 0                 # prompt positions below this are in ``total``
-    met: torch.Tensor | None = field(default=None, repr=False)   # this step's decision (0-d bool)
 
     def decision(self, device) -> torch.Tensor:
         """Whether the condition holds (0-d bool on the device; not met when no prompt row reached the site)."""
-        if self.met is None:
-            self.met = torch.zeros((), dtype=torch.bool, device=device) if self.total is None else condition_met(
-                condition_similarity(self.total, self.direction), self.request.threshold, self.request.comparator)
-        return self.met
+        if self.total is None:
+            return torch.zeros((), dtype=torch.bool, device=device)
+        return condition_met(condition_similarity(self.total, self.direction), self.request.threshold,
+                             self.request.comparator)
 
 
 class ConditionState:
@@ -98,7 +97,7 @@ class ConditionState:
         self._accumulators: dict[str, _Accumulator] = {}               # condition key -> accumulator
         self._adds: dict[Site, list[tuple[_Accumulator, np.ndarray, float]]] = {}
         self._gated: list[tuple[_Accumulator, np.ndarray]] = []
-        self._gate_index: torch.Tensor | None = None
+        self._gate: tuple[torch.Tensor, torch.Tensor] | None = None    # this step's (token index, met), built once
 
     def _parse(self, req_id: str, extra_args_of: Callable[[str], dict | None]) -> ConditionRequest | None:
         if req_id not in self._parsed:
@@ -112,13 +111,12 @@ class ConditionState:
         flattened-token order)."""
         if len(self._parsed) > 2 * len(live_req_ids) + 64:
             self._parsed = {r: p for r, p in self._parsed.items() if r in live_req_ids}
-        self._adds, self._gated, self._gate_index = {}, [], None
+        self._adds, self._gated, self._gate = {}, [], None
         offset = 0
         for i, req_id in enumerate(req_ids):
             n, request = int(num_scheduled[i]), self._parse(req_id, extra_args_of)
             if request is not None:
                 acc = self._accumulators.setdefault(request.key, _Accumulator(request))
-                acc.met = None
                 computed, prompt = int(num_computed[i]), int(num_prompt[i])
                 positions = np.arange(computed, computed + n, dtype=np.int64)
                 first = prompt - 1 if request.aggregate == "last" else 0
@@ -150,16 +148,23 @@ class ConditionState:
 
     def gate(self, before: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
         """``edited`` with the gated tokens' rows put back to ``before`` where their condition is not met."""
-        index = self.gate_index(edited.device)
-        met = torch.cat([acc.decision(edited.device).expand(len(rows)) for acc, rows in self._gated])
+        index, met = self._step_gate(edited.device)
         chosen = torch.where(met[:, None], edited.index_select(0, index), before)
         return edited.index_copy(0, index, chosen.to(edited.dtype))
 
     def gate_index(self, device) -> torch.Tensor:
         """The step's gated token indices (flattened-token order), on ``device``."""
-        if self._gate_index is None:
-            self._gate_index = torch.from_numpy(np.concatenate([rows for _, rows in self._gated])).to(device)
-        return self._gate_index
+        return self._step_gate(device)[0]
+
+    def _step_gate(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's gated token indices and each one's decision, built at the step's first gated site and
+        reused at every other (the prompts are complete, so the decisions cannot change within the step)."""
+        if self._gate is None:
+            index = torch.from_numpy(np.concatenate([rows for _, rows in self._gated])).to(device)
+            decisions = torch.stack([acc.decision(device) for acc, _ in self._gated])
+            counts = torch.tensor([len(rows) for _, rows in self._gated], device=device)
+            self._gate = (index, decisions.repeat_interleave(counts))
+        return self._gate
 
     def take(self, key: str) -> dict | None:
         """A finished request's decision ``{similarity, met}``, forgotten here (None: not on this worker)."""
