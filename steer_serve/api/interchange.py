@@ -12,10 +12,10 @@ rows ``scale · (g(sᵢ) − g(s₀))`` go to the worker (``engine/interchange.p
 the site's kernel call. So an interchange must be the last intervention of a request at its site.
 
 ``"subspaces": [i, …]`` on the entry is pyvene's ``subspaces`` for the unit: the coordinates of the
-family's space (the original basis for vanilla/addition/subtraction, the rotated one for rotated and
-low-rank rotated spaces) that are interchanged instead of the first ``interchange_dim``. The slot is not
+family's space (the original basis for vanilla, the rotated one for rotated and low-rank rotated
+spaces) that are interchanged instead of the first ``interchange_dim``. The slot is not
 used then: with B the selected axes, the term's rows are ``scale · (sᵢ B) Bᵀ`` and the worker first takes
-``scale · (h B) Bᵀ`` off h (interchange only), so ``h + scale · (sᵢ B − h B) Bᵀ`` as pyvene swaps them.
+``scale · (h B) Bᵀ`` off h, so ``h + scale · (sᵢ B − h B) Bᵀ`` as pyvene swaps them.
 """
 from __future__ import annotations
 
@@ -54,13 +54,12 @@ def source_rows(edit: Edit, sources: torch.Tensor, scale: float) -> torch.Tensor
 
 def subspace_axes(edit: Edit, subspaces: list[int], index: int) -> torch.Tensor:
     """The axes (``[width, len(subspaces)]``) pyvene's ``subspaces`` select for ``edit``; 400s naming the field
-    for a family pyvene ignores them on, an empty list, or an index repeated or out of range."""
+    for a family they are not served on, an empty list, or an index repeated or out of range."""
     param = f"interventions[{index}].subspaces"
     family = get_family(edit.family)
-    if family.subspace_mode is None:
-        raise APIError(400, f"{param}: pyvene ignores subspaces on {edit.family} (only vanilla, rotated_space, "
-                            "low_rank_rotated_space, addition and subtraction take them)", code="unsupported_value",
-                       param=param)
+    if not family.takes_subspaces:
+        raise APIError(400, f"{param}: subspaces are served on vanilla, rotated_space and low_rank_rotated_space "
+                            f"interchanges, not on {edit.family}", code="unsupported_value", param=param)
     axes = family.subspace_axes(edit.params)
     if not subspaces:
         raise APIError(400, f"{param} is empty: list the dimensions to interchange", code="invalid_value", param=param)
@@ -82,11 +81,8 @@ def subspace_axes(edit: Edit, subspaces: list[int], index: int) -> torch.Tensor:
 
 def subspace_term(edit: Edit, axes: torch.Tensor, sources: torch.Tensor, scale: float, positions: str) -> SourceTerm:
     """The term of a request with ``subspaces`` (see the module docstring)."""
-    mode = get_family(edit.family).subspace_mode
-    sign = -1.0 if mode == "subtract" else 1.0
     rows = (sources.to(torch.float32) @ axes) @ axes.T
-    return SourceTerm(edit.placement.layer, edit.placement.component, positions, scale * sign * rows,
-                      axes if mode == "interchange" else None, scale)
+    return SourceTerm(edit.placement.layer, edit.placement.component, positions, scale * rows, axes, scale)
 
 
 def _count(positions: str, param: str) -> int:

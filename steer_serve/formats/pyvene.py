@@ -284,7 +284,7 @@ def _partition(partition, family: Family, i: int) -> list[list[int]]:
     """pyvene's expansion of ``subspace_partition``: a pair of integers ``[a, b]`` is ``range(a, b)``, any other
     group lists its dimensions."""
     param = f"representations[{i}].subspace_partition"
-    if family.subspace_mode is None:
+    if not family.takes_subspaces:
         _fail(f"config.json: {param} is set, but pyvene ignores subspaces on {family.name}", param=param)
     if not isinstance(partition, list) or not all(isinstance(g, list) and g and all(type(d) is int for d in g)
                                                   for g in partition):

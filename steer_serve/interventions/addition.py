@@ -19,7 +19,6 @@ class Addition(Family):
     saved = {"source": SOURCE}
     saved_config = ("interchange_dim",)
     sign = 1.0
-    subspace_mode = "add"
 
     def check(self, params, config, width):
         expect_shape(self.name, params, "source", (width,))
@@ -40,9 +39,6 @@ class Addition(Family):
         v = torch.zeros_like(source)
         v[:k] = self.sign * source[:k]
         return LowRankEdit(v=v)
-
-    def subspace_axes(self, params):
-        return torch.eye(params["source"].shape[-1])
 
 
 FAMILY = Addition()

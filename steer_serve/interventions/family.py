@@ -87,9 +87,9 @@ class Family:
     #: Config the reader fills from the save: ``act_fn`` (pyreft does not store it: the caller says
     #: it), ``interchange_dim`` (pyvene's ``intervention_dimensions``), ``width`` (no tensor tells it).
     saved_config: tuple[str, ...] = ()
-    #: pyvene's ``subspaces`` on this family: ``"interchange"`` (the selected coordinates of h are replaced by
-    #: the source's), ``"add"``/``"subtract"`` (the source's are added/subtracted), None (pyvene ignores them).
-    subspace_mode: str | None = None
+    #: Whether pyvene's ``subspaces`` choose the coordinates this interchange family replaces by the
+    #: source's (served for the families tested against pyvene: vanilla and the rotated spaces).
+    takes_subspaces: bool = False
 
     def check(self, params: dict[str, torch.Tensor], config: dict, width: int) -> None:
         """Validate shapes/hyper-parameters for an edit of ``width`` columns (ValueError if wrong)."""
@@ -108,7 +108,7 @@ class Family:
 
     def subspace_axes(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[width, m]`` float32: column j is the coordinate pyvene's ``subspaces`` index j selects (the
-        identity for the original basis, the rotation for a rotated space). Only when ``subspace_mode`` is set."""
+        identity for the original basis, the rotation for a rotated space). Only when ``takes_subspaces``."""
         raise NotImplementedError
 
     # -- public API ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ class LowRankRotatedSpace(Family):
     required = ("rotate_layer", "source")
     library_classes = ("LowRankRotatedSpaceIntervention",)
     saved = {"rotate_layer": ROTATION, "source": SOURCE}
-    subspace_mode = "interchange"
+    takes_subspaces = True
 
     def check(self, params, config, width):
         rank = params["rotate_layer"].shape[-1]

@@ -24,7 +24,7 @@ class RotatedSpace(Family):
     library_classes = ("RotatedSpaceIntervention",)
     saved = {"rotate_layer": ROTATION, "source": SOURCE}
     saved_config = ("interchange_dim",)
-    subspace_mode = "interchange"
+    takes_subspaces = True
 
     def check(self, params, config, width):
         expect_shape(self.name, params, "rotate_layer", (width, width))

@@ -11,7 +11,6 @@ class Subtraction(Addition):
     name = "subtraction"
     library_classes = ("SubtractionIntervention",)
     sign = -1.0
-    subspace_mode = "subtract"
 
 
 FAMILY = Subtraction()

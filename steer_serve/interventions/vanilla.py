@@ -19,7 +19,7 @@ class Vanilla(Family):
     library_classes = ("VanillaIntervention",)
     saved = {"source": SOURCE}
     saved_config = ("interchange_dim",)
-    subspace_mode = "interchange"
+    takes_subspaces = True
 
     def check(self, params, config, width):
         expect_shape(self.name, params, "source", (width,))
