@@ -42,7 +42,8 @@ def _is_vector(lowrank) -> bool:
 
 async def plan_condition(body, kind: str, state, requested: list) -> ConditionRequest | None:
     """The engine's condition request, or None when the request has no ``condition`` (400s for a condition
-    without interventions, on a form making several choices, under pipeline parallelism, or naming no vector)."""
+    without interventions, on a form making several choices, under pipeline or data parallelism, or naming no
+    vector)."""
     spec = getattr(body, "condition", None)
     if spec is None:
         return None
@@ -62,9 +63,10 @@ async def plan_condition(body, kind: str, state, requested: list) -> ConditionRe
             raise APIError(400, f"condition gates interventions applied at sites; {ident!r} is a weight or prompt "
                                 "adapter, which a condition cannot gate", code="unsupported_value", param="condition")
     parallel = getattr(getattr(state.engine.llm, "vllm_config", None), "parallel_config", None)
-    if getattr(parallel, "pipeline_parallel_size", 1) > 1:
-        raise APIError(400, "condition is not served under pipeline parallelism (the condition and the edits it "
-                            "gates may sit on different stages)", code="unsupported_value", param="condition")
+    if getattr(parallel, "pipeline_parallel_size", 1) > 1 or getattr(parallel, "data_parallel_size", 1) > 1:
+        raise APIError(400, "condition is not served under pipeline or data parallelism (the condition and the edits "
+                            "it gates may sit on different stages; fetching a decision from the engine that ran the "
+                            "request is untested)", code="unsupported_value", param="condition")
     geometry = state.registry.geometry
     if spec.layer >= geometry.num_layers:
         raise APIError(400, f"condition.layer {spec.layer} is past the model's {geometry.num_layers} layers",
