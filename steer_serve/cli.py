@@ -20,7 +20,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--model", default=None, help="local HF directory or hub id, also as `serve MODEL` (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--served-model-name", default=None, help="name clients use for the base model (default: dir name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
-    p.add_argument("--port", type=int, default=8000, help="port to bind")
+    p.add_argument("--port", type=int, default=8000, help="port to bind (0: a free one, named in the log)")
     p.add_argument("--dtype", default=None, help="model dtype (default: float32 on CPU, auto on GPU)")
     p.add_argument("--max-model-len", type=int, default=2048, help="context length")
     p.add_argument("--max-num-seqs", type=int, default=128, help="max sequences in one engine step")

@@ -1,7 +1,11 @@
-"""Start a real ``steer-serve serve`` (or vLLM's own OpenAI server) subprocess on a free loopback port."""
+"""Start a real ``steer-serve serve`` (or vLLM's own OpenAI server) subprocess on a free loopback port.
+
+steer-serve binds port 0 itself before its engine starts and names the port in its log, so no other
+process can take the port between choosing and binding it."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -29,10 +33,12 @@ class ServerProcess:
 
     started: list["ServerProcess"] = []
 
+    LISTENING = re.compile(rb"steer-serve listening on http://[^:]+:(\d+)")
+
     def __init__(self, *args: str, registry_dir: Path, log_path: Path, env: dict | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [sys.executable, "-m", "steer_serve.cli", "serve", "--port", str(self.port),
+        self.port: int | None = None       # known once the server has bound it (start); a restart keeps it
+        self.url: str | None = None
+        self.args = [sys.executable, "-m", "steer_serve.cli", "serve",
                      "--registry-dir", str(registry_dir), "--kv-cache-gb", "1", *args]
         self.log_path = log_path
         self.env = {**os.environ, **(env or {})}
@@ -40,13 +46,18 @@ class ServerProcess:
 
     def start(self, timeout: float = 600) -> "ServerProcess":
         self.log = open(self.log_path, "ab")
+        log_start = self.log.tell()
         ServerProcess.started.append(self)
-        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
+        self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}; log:\n{self.tail()}")
+            if self.url is None:
+                self._read_bound_port(log_start)
+                time.sleep(0.2)
+                continue
             try:
                 if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
                     return self
@@ -55,6 +66,17 @@ class ServerProcess:
             time.sleep(1)
         self.stop()
         raise RuntimeError(f"server not healthy after {timeout}s; log:\n{self.tail()}")
+
+    def command(self) -> list[str]:
+        return [*self.args, "--port", str(self.port or 0)]
+
+    def _read_bound_port(self, log_start: int) -> None:
+        with open(self.log_path, "rb") as log:
+            log.seek(log_start)
+            bound = self.LISTENING.search(log.read())
+        if bound:
+            self.port = int(bound.group(1))
+            self.url = f"http://127.0.0.1:{self.port}"
 
     def tail(self, n: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
@@ -91,6 +113,9 @@ class VllmServerProcess(ServerProcess):
         self.log_path = log_path
         self.env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gb)}
         self.proc = None
+
+    def command(self) -> list[str]:
+        return self.args
 
 
 class RedisServer:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,13 +143,34 @@ async def _watch_the_engine(engine: SteerEngine, state: AppState, server: uvicor
     return None
 
 
+def bind_listening_socket(host: str, port: int) -> socket.socket:
+    """The HTTP socket, bound before the engine starts (as vLLM's server does) so that nothing takes the
+    port while the model loads; port 0 binds a free one (the log's "listening on" line names it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(f"steer-serve: cannot bind {host}:{port}: {exc.strerror}") from exc
+    return sock
+
+
 async def serve(engine_settings: EngineSettings, settings: ServerSettings) -> None:
     """Run until SIGINT/SIGTERM; in-flight requests drain for up to ``drain_timeout`` seconds."""
     # before the engine: a clash fails fast
     registry_lock = claim_registry_dir(registry_path(settings), shared=settings.shared_registry)
     if settings.registry_store:
         open_store(registry_path(settings), url=settings.registry_store).check()
-    engine = await SteerEngine.start(engine_settings)
+    listening = bind_listening_socket(settings.host, settings.port)
+    port = listening.getsockname()[1]
+    logger.warning("steer-serve listening on http://%s:%d (the engine is starting)", settings.host, port)
+    try:
+        engine = await SteerEngine.start(engine_settings)
+    except BaseException:
+        listening.close()
+        raise
 
     async def stop_engine() -> None:
         # runs inside uvicorn's lifespan shutdown, after in-flight requests drained: uvicorn
@@ -170,12 +192,12 @@ async def serve(engine_settings: EngineSettings, settings: ServerSettings) -> No
                                 timeout_keep_alive=settings.http_keep_alive_timeout,
                                 timeout_graceful_shutdown=int(settings.drain_timeout))
         server = _DrainingServer(config, state)
-        logger.warning("steer-serve ready on http://%s:%d (model %s)", settings.host, settings.port,
+        logger.warning("steer-serve ready on http://%s:%d (model %s)", settings.host, port,
                        state.served_model_name)
         watchdog = asyncio.create_task(_watch_the_engine(engine, state, server))
         follower = asyncio.create_task(state.registry.watch(settings.registry_poll_interval)) \
             if settings.shared_registry or settings.registry_store else None
-        await server.serve()
+        await server.serve(sockets=[listening])
         if watchdog.done() and watchdog.result():
             raise SystemExit(f"steer-serve: {watchdog.result()}; exiting so that a supervisor restarts the server")
         watchdog.cancel()
@@ -183,4 +205,5 @@ async def serve(engine_settings: EngineSettings, settings: ServerSettings) -> No
             follower.cancel()
     finally:
         engine.shutdown()
+        listening.close()
         registry_lock.close()
