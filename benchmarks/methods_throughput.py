@@ -3,7 +3,9 @@ layer, K distinct per batch, and of conditional steering (the LoReFTs gated by a
 layer 12 that always holds, so the condition's prompt sums and the gate are paid in full), against
 plain LoReFT on every layer and unsteered, in one run (issue 19).
 
-One server (``--max-interventions 64 --max-rank 4``); each method's K random interventions edit
+One server with a device slot for every registered intervention (``--max-interventions 4K+1 --max-rank 4``:
+with fewer, each configuration would first evict the previous one's and load its own inside the timed
+batch, which is what the first full run measured); each method's K random interventions edit
 ``block_output`` of every layer (positions ``all``); batch B requests x N new tokens (greedy,
 ignore_eos); unsteered first and again last. A warm-up round, then rounds that each time every
 configuration in turn (interleaved, so load changes on a shared machine hit every row alike), fresh
@@ -28,7 +30,9 @@ from bench_util import (RESULTS, add_ratios, machine, prompts,
 
 FULL = {"batch": 64, "new_tokens": 64, "prompt_len": 32, "k": 64, "rounds": 3}
 QUICK = {"batch": 16, "new_tokens": 16, "prompt_len": 16, "k": 16, "rounds": 3}
-SERVER_ARGS = ["--max-interventions", "64", "--max-rank", "4"]
+def server_args(k: int) -> list[str]:
+    """Slots for all K interventions of every method and the condition: none is evicted between rows."""
+    return ["--max-interventions", str(len(METHODS) * k + 1), "--max-rank", "4"]
 METHODS = ("loreft", "directional_ablation", "projection_clamp", "norm_preserving_steering")
 #: a CAST condition that always holds (a cosine is below 2), on the random vector ``condition``
 CONDITION = {"intervention": "condition", "layer": 12, "threshold": 2.0, "comparator": "larger"}
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p = dict(QUICK if args.quick else FULL)
     out = RESULTS / f"methods_throughput{'_quick' if args.quick else ''}.json"
     workdir = Path(tempfile.mkdtemp(prefix="methods-throughput-"))
-    server = start_server(workdir, workdir, *SERVER_ARGS)
+    server = start_server(workdir, workdir, *server_args(p["k"]))
     try:
         layers = list(range(30))
         sources = {f"{m}-{i}": method_native(workdir / f"{m}-{i}", m, 1000 * j + i, layers)
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.stop()
     print(table(rows, [("config", "configuration", ""), ("tok_s", "tok/s", ".1f"), ("ratio", "ratio", ".3f")]))
-    doc = {"benchmark": "methods_throughput", "quick": args.quick, "params": p, "server_args": SERVER_ARGS,
+    doc = {"benchmark": "methods_throughput", "quick": args.quick, "params": p, "server_args": server_args(p["k"]),
            "layers": "all 30", "machine": machine(), "measured_unix": time.time(), "rows": rows}
     out.write_text(json.dumps(doc, indent=2))
     from steer_loadtest.plots import bars

@@ -7,7 +7,10 @@ layer. Profiled at batch 16 on the default model (2-core CPU, torch profiler): t
 (``aten::index``) took 40 % of the step and the einsum's ``bmm`` 22 %, against 18 % for the
 model's own GEMMs. Here the tokens are grouped by LoRA slot instead, one GEMM per distinct slot
 present (usually one or two), and rows with index -1 ("no LoRA") contribute exactly zero (vLLM's
-GPU kernels skip them; its torch ops would read the last slot).
+GPU kernels skip them; its torch ops would read the last slot). vLLM wraps every linear the model
+has, so most wrapped modules hold only zeros for a given adapter (one that targets q and v leaves
+k, o, gate, up and down at zero): a slot whose weights are all zero is skipped (its product is
+exactly zero), known from a per-tensor summary refreshed when the tensor is written.
 
 The functions keep vLLM's signatures and semantics: weights and inputs cast to the output dtype,
 the product in that dtype, ``shrink`` writes ``scaling · x Aᵀ`` into the first ``r`` columns,
@@ -17,7 +20,28 @@ that vLLM's einsum allows) go to vLLM's own op.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
+
+#: ``id(weights) -> (weakref, version, live slots)``: :func:`_live_slots`' summaries, dropped with their tensor
+_LIVE_SLOTS: dict[int, tuple[weakref.ref, int, list[bool]]] = {}
+
+
+def _live_slots(weights: torch.Tensor) -> list[bool]:
+    """Per slot of a stacked LoRA weight (``[slots, ...]``), whether it holds any non-zero value. Cached per
+    tensor until it is written (every in-place write, also through a view, bumps its version counter)."""
+    key = id(weights)
+    try:
+        version = weights._version
+    except RuntimeError:                               # an inference tensor tracks no version: read it each time
+        return weights.flatten(1).ne(0).any(1).tolist()
+    cached = _LIVE_SLOTS.get(key)
+    if cached is not None and cached[0]() is weights and cached[1] == version:
+        return cached[2]
+    live = weights.flatten(1).ne(0).any(1).tolist()
+    _LIVE_SLOTS[key] = (weakref.ref(weights, lambda _, key=key: _LIVE_SLOTS.pop(key, None)), version, live)
+    return live
 
 
 def _slot_groups(indices: torch.Tensor, num_slots: int) -> list[tuple[int, torch.Tensor | None]]:
@@ -36,16 +60,20 @@ def _slot_groups(indices: torch.Tensor, num_slots: int) -> list[tuple[int, torch
 
 
 def _lora_product(out: torch.Tensor, inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
-                  add: bool, scaling: float = 1.0) -> None:
+                  live: list[bool], add: bool, scaling: float = 1.0) -> None:
     """``out[t] (+)= scaling · inputs[t] @ weights[indices[t]]ᵀ`` for every row ``t``; a row with index
-    -1 gets 0 (or keeps its value when adding). ``weights``: ``[slots, width, in]`` (or with a size-1
-    dim 1), ``out``: ``[rows, width]``, a view that may be strided."""
+    -1 or in a slot that is not ``live`` (all zeros) gets 0 (or keeps its value when adding).
+    ``weights``: ``[slots, width, in]`` (or with a size-1 dim 1), ``out``: ``[rows, width]``, a view
+    that may be strided."""
+    groups = [(slot, rows) for slot, rows in _slot_groups(indices, weights.shape[0]) if live[slot]] \
+        if any(live) else []
+    if not add and not (len(groups) == 1 and groups[0][1] is None):
+        out.zero_()                                      # the rows no group writes
+    if not groups:
+        return
     if weights.dim() == 4:
         weights = weights.squeeze(1)
     x = inputs.to(out.dtype)
-    groups = _slot_groups(indices, weights.shape[0])
-    if not add and (not groups or groups[0][1] is not None):
-        out.zero_()                                      # the rows no group writes (index -1)
     for slot, rows in groups:
         w = weights[slot].to(out.dtype)
         part = (x if rows is None else x.index_select(0, rows)) @ w.t()   # rounded to the dtype, as vLLM's
@@ -72,7 +100,8 @@ def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scal
     if not _same_rows(inputs, output_tensor, lora_indices_tensor):
         return fallback(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling)
     rank = lora_a_weights.shape[-2]
-    _lora_product(output_tensor[:, :rank], inputs, lora_a_weights, lora_indices_tensor, add=False, scaling=scaling)
+    _lora_product(output_tensor[:, :rank], inputs, lora_a_weights, lora_indices_tensor, _live_slots(lora_a_weights),
+                  add=False, scaling=scaling)
 
 
 def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True, *, fallback):
@@ -81,7 +110,7 @@ def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_
         return fallback(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs)
     width = min(lora_b_weights.shape[-2], output_tensor.shape[1])   # adapter and model may pad differently
     _lora_product(output_tensor[:, :width], inputs, lora_b_weights[..., :width, :], lora_indices_tensor,
-                  add=add_inputs)
+                  _live_slots(lora_b_weights), add=add_inputs)
 
 
 def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int,
@@ -91,7 +120,7 @@ def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor
         return fallback(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset, slice_size,
                         add_inputs)
     _lora_product(output_tensor[:, slice_offset:slice_offset + slice_size], inputs, lora_b_weights,
-                  lora_indices_tensor, add=add_inputs)
+                  lora_indices_tensor, _live_slots(lora_b_weights), add=add_inputs)
 
 
 def _per_token(lora_indices_tensor: torch.Tensor, seq_len_tensor: torch.Tensor) -> torch.Tensor:

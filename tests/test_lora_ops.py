@@ -41,13 +41,17 @@ INDEX_CASES = {
 @pytest.mark.parametrize("case", INDEX_CASES)
 @pytest.mark.parametrize("rows", [1, 7, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_bgmv_ops_equal_vllm(case, rows, dtype):
+@pytest.mark.parametrize("zero_slots", [(), (0,), (0, 1, 2)], ids=["no-zero-slot", "slot-0-zero", "all-zero"])
+def test_bgmv_ops_equal_vllm(case, rows, dtype, zero_slots):
+    """Slots whose weights are all zero (a module the adapter does not target) are skipped."""
     g = torch.Generator().manual_seed(rows)
     slots, rank, hidden, out = 3, 8, 48, 40
     idx = INDEX_CASES[case](rows, slots, g).long()
     x = torch.randn(rows, hidden, generator=g).to(dtype)
     a = torch.randn(slots, 1, rank, hidden, generator=g).to(dtype)
     b = torch.randn(slots, 1, out, rank, generator=g).to(dtype)
+    a[list(zero_slots)] = 0
+    b[list(zero_slots)] = 0
     ref = vllm_ops()
 
     got, want = torch.full((rows, rank), 7.0), torch.full((rows, rank), 7.0)   # fp32 buffer, as vLLM's
@@ -94,6 +98,21 @@ def test_sgmv_ops_equal_vllm(add):
         got, want = base.clone(), base.clone()
         getattr(grouped, op)(h, b, got, *meta, *args, fallback=None)
         getattr(ref, op)(no_lora_zeroed(h, idx), b, want, *meta, *args)
+        torch.testing.assert_close(got, want)
+
+
+def test_a_weight_written_in_place_is_read_again():
+    """The live-slot summary of a weight tensor follows in-place writes (vLLM's set_lora / reset_lora)."""
+    g = torch.Generator().manual_seed(3)
+    x, idx = torch.randn(5, 16, generator=g), torch.tensor([0, 1, 1, 0, -1])
+    a = torch.zeros(2, 1, 4, 16)
+    ref = vllm_ops()
+    for write in (lambda: None, lambda: a[1, 0, :2].copy_(torch.randn(2, 16, generator=g)),
+                  lambda: a.__setitem__(1, 0), lambda: a[0].copy_(torch.randn(1, 4, 16, generator=g))):
+        write()
+        got, want = torch.full((5, 4), 3.0), torch.full((5, 4), 3.0)
+        grouped.bgmv_shrink(x, a, got, idx, 1.0, fallback=None)
+        ref.bgmv_shrink(no_lora_zeroed(x, idx), a, want, idx, 1.0)
         torch.testing.assert_close(got, want)
 
 
