@@ -80,13 +80,17 @@ class _Accumulator:
     direction: torch.Tensor | None = None
     total: torch.Tensor | None = None
     summed_to: int = 0                 # prompt positions below this are in ``total``
+    met: torch.Tensor | None = None    # the decision, once asked for (the prompt is complete by then)
 
     def decision(self, device) -> torch.Tensor:
-        """Whether the condition holds (0-d bool on the device; not met when no prompt row reached the site)."""
-        if self.total is None:
-            return torch.zeros((), dtype=torch.bool, device=device)
-        return condition_met(condition_similarity(self.total, self.direction), self.request.threshold,
-                             self.request.comparator)
+        """Whether the condition holds (0-d bool on the device; not met when no prompt row reached the site).
+        Asked for only once a generated token exists, so the prompt's sum is final and the decision is kept:
+        a recomputed (preempted) prompt adds no row twice, so it could not change it."""
+        if self.met is None:
+            self.met = torch.zeros((), dtype=torch.bool, device=device) if self.total is None else \
+                condition_met(condition_similarity(self.total, self.direction), self.request.threshold,
+                              self.request.comparator)
+        return self.met
 
 
 class ConditionState:
