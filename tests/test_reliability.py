@@ -565,18 +565,20 @@ def test_a_frozen_or_dead_engine_takes_the_server_down(tmp_path, fault):
     from steer_serve.model import prepare_default_model
 
     build_tiny_model("LlamaForCausalLM", tmp_path / "model", prepare_default_model())
-    proc = ServerProcess("--model", str(tmp_path / "model"), "--max-model-len", "8192", "--engine-stall-timeout", "3",
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    (tmp_path / "model" / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))  # RoPE
+    proc = ServerProcess("--model", str(tmp_path / "model"), "--max-model-len", "4096", "--engine-stall-timeout", "3",
                          registry_dir=tmp_path / "registry", log_path=tmp_path / "server.log").start()
     engine = psutil.Process(proc.proc.pid).children(recursive=True)
     try:
         assert httpx.get(f"{proc.url}/ready", timeout=10).status_code == 200
         with cf.ThreadPoolExecutor(1) as pool, httpx.Client(base_url=proc.url, timeout=10) as client:
-            # 8000 tokens take the tiny model many seconds: the fault comes while it generates (400 did not
+            # 4000 tokens take the tiny model seconds: the fault comes while it generates (400 did not
             # always: it once finished before the fault)
             in_flight = pool.submit(httpx.post, f"{proc.url}/v1/completions", timeout=120, json={
-                "prompt": "Hello", "max_tokens": 8000, "ignore_eos": True})
+                "prompt": "Hello", "max_tokens": 4000, "ignore_eos": True})
             started = time.monotonic()
-            while not _generated_tokens(client) and time.monotonic() - started < 30:
+            while not (_generated_tokens(client) or in_flight.done()) and time.monotonic() - started < 30:
                 time.sleep(0.1)
             faulted = time.monotonic()
             for child in engine:
