@@ -14,7 +14,8 @@ Everything happens on the device, with no host synchronisation inside a step: du
 site's hook adds the prompt rows (weighted 1/n for the mean) into the request's accumulator; a
 generated token only exists once the prompt is done, so at every site where its request's edits
 run, :meth:`ConditionState.gate` keeps the edited rows of the request's generated tokens where
-``met`` and the unedited ones elsewhere (``torch.where``). Positions are absolute and each prompt
+``met`` and the unedited ones elsewhere (``torch.where``; on the CPU, where the decision is already
+host memory, only the rows whose condition fails are touched). Positions are absolute and each prompt
 position is added once (the accumulator remembers how far it summed), so chunked prefill and
 preemption give the same ``h``; the API gives a conditional request a cache salt of its own, so
 the prefix cache skips none of its prompt. The API fetches the decision (``steer_take_condition``)
@@ -147,27 +148,32 @@ class ConditionState:
                 acc.direction = torch.tensor(acc.request.direction, dtype=torch.float32, device=tokens.device)
             acc.total += rows.sum(0) * weight
 
-    def gating(self) -> bool:
-        return bool(self._gated)
-
     def gate(self, before: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
         """``edited`` with the gated tokens' rows put back to ``before`` where their condition is not met."""
         index, met = self._step_gate(edited.device)
         chosen = torch.where(met[:, None], edited.index_select(0, index), before)
         return edited.index_copy(0, index, chosen.to(edited.dtype))
 
-    def gate_index(self, device) -> torch.Tensor:
-        """The step's gated token indices (flattened-token order), on ``device``."""
-        return self._step_gate(device)[0]
+    def gate_index(self, device) -> torch.Tensor | None:
+        """The step's gated token indices (flattened-token order) on ``device``; None when there is none."""
+        if not self._gated:
+            return None
+        index = self._step_gate(device)[0]
+        return index if index.numel() else None
 
     def _step_gate(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """This step's gated token indices and each one's decision, built at the step's first gated site and
-        reused at every other (the prompts are complete, so the decisions cannot change within the step)."""
+        reused at every other (the prompts are complete, so the decisions cannot change within the step).
+        On the CPU the decisions are already host memory, so only the rows whose condition fails are kept:
+        a met condition then costs no copy at all."""
         if self._gate is None:
             index = torch.from_numpy(np.concatenate([rows for _, rows in self._gated])).to(device)
             decisions = torch.stack([acc.decision(device) for acc, _ in self._gated])
             counts = torch.tensor([len(rows) for _, rows in self._gated], device=device)
-            self._gate = (index, decisions.repeat_interleave(counts))
+            met = decisions.repeat_interleave(counts)
+            if device.type == "cpu":
+                index, met = index[~met], met[~met]
+            self._gate = (index, met)
         return self._gate
 
     def take(self, key: str) -> dict | None:

@@ -97,14 +97,14 @@ class LayerSteering:
         shard = tokens.shape[-1]
         if shard != width:
             tokens = gather_tensor_parallel_columns(tokens, width)
-        gating = self.condition_state.gating()
-        if gating:   # the rows of conditional requests' generated tokens, before their edits
-            before = tokens.index_select(0, self.condition_state.gate_index(tokens.device))
+        gated = self.condition_state.gate_index(tokens.device)
+        if gated is not None:   # the rows of conditional requests' generated tokens, before their edits
+            before = tokens.index_select(0, gated)
         edited = tokens
         if self.step_state.is_active(self.layer_idx, component):   # else only source terms (interchange subspaces)
             edited = apply_interventions(tokens, plan.slots, plan.coef, self.slot_tables(component), plan=plan)
         edited = self.interchange_state.add((self.layer_idx, component), edited)   # per-request source rows
-        if gating:
+        if gated is not None:
             edited = self.condition_state.gate(before, edited)
         if shard != width:
             rank = tensor_parallel_rank()
