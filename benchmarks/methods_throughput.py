@@ -30,12 +30,14 @@ from bench_util import (RESULTS, add_ratios, machine, prompts,
 
 FULL = {"batch": 64, "new_tokens": 64, "prompt_len": 32, "k": 64, "rounds": 3}
 QUICK = {"batch": 16, "new_tokens": 16, "prompt_len": 16, "k": 16, "rounds": 3}
-def server_args(k: int) -> list[str]:
-    """Slots for all K interventions of every method and the condition: none is evicted between rows."""
-    return ["--max-interventions", str(len(METHODS) * k + 1), "--max-rank", "4"]
 METHODS = ("loreft", "directional_ablation", "projection_clamp", "norm_preserving_steering")
 #: a CAST condition that always holds (a cosine is below 2), on the random vector ``condition``
 CONDITION = {"intervention": "condition", "layer": 12, "threshold": 2.0, "comparator": "larger"}
+
+
+def server_args(k: int) -> list[str]:
+    """Slots for all K interventions of every method and the condition: none is evicted between rows."""
+    return ["--max-interventions", str(len(METHODS) * k + 1), "--max-rank", "4"]
 
 
 def method_native(directory: Path, method: str, seed: int, layers: list[int], hidden: int = 576) -> Path:

@@ -30,7 +30,7 @@ import pytest
 import hostile_inputs
 from conftest import ADMIN_KEY
 from live_server import REPO, ServerProcess
-from steering_helpers import HIDDEN, complete, random_loreft, register, tokens
+from steering_helpers import complete, random_loreft, register, tokens
 from starlette.requests import ClientDisconnect
 from steer_loadtest import LoadConfig, run_loadtest
 
@@ -553,6 +553,21 @@ def test_a_second_server_on_one_registry_dir_refuses_to_start(small_server, tmp_
     with pytest.raises(RuntimeError, match="is in use by another steer-serve process"):
         second.start(timeout=120)
     assert httpx.get(f"{small_server.url}/health", timeout=10).status_code == 200
+
+
+def test_a_port_in_use_fails_before_the_engine_starts(tmp_path):
+    """The HTTP port is bound before the engine loads: a port another process holds is a clear exit at
+    once, with no engine process started."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "steer_serve.cli", "serve", "--port", str(port),
+                              "--registry-dir", str(tmp_path / "registry")],
+                             capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert f"steer-serve: cannot bind 127.0.0.1:{port}" in run.stderr, run.stderr[-2000:]
+    assert "EngineCore" not in run.stdout + run.stderr
 
 
 @pytest.mark.parametrize("fault", ["SIGSTOP", "SIGKILL"])
